@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := runs/demo
+
+.PHONY: setup setup-dev demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pinned first: this is the CPU build on our machines; an unpinned torch pulls CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+setup-dev: $(BIN)/python
+	$(BIN)/pip install -q -e ".[dev]"
+
+demo: setup
+	$(BIN)/phi4rv init --preset tiny --out $(DEMO)/tiny --seed 0
+	$(BIN)/phi4rv info $(DEMO)/tiny
+	$(BIN)/phi4rv chat --model $(DEMO)/tiny --image examples/images/photo.jpg \
+		--max-new-tokens 24 --temperature 0 "What is in this picture?"
+
+test: setup-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

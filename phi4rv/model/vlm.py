@@ -1,0 +1,140 @@
+"""Mid-fusion: image features replace the `<image>` placeholder positions of the text.
+
+Each `<image>` placeholder id in the prompt is expanded to `h*w` placeholder positions
+(`expand_image_tokens`); the model fills them, in order, with the projected patch features.
+No begin/end tokens and no row separators, as in the release.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi4rv.config import Phi4RVConfig
+from phi4rv.model.decoder import Decoder, KVCache
+from phi4rv.model.projector import build_projector
+from phi4rv.model.vision import Grid, VisionEncoder
+
+IMAGE_TOKEN_ID = -200  # placeholder id in input_ids (LLaVA's convention); never embedded
+IGNORE_INDEX = -100
+
+
+def expand_image_tokens(ids: list[int], grids: list[Grid]) -> list[int]:
+    """Repeat each image placeholder h*w times, images taken in order."""
+    count = sum(1 for t in ids if t == IMAGE_TOKEN_ID)
+    if count != len(grids):
+        raise ValueError(f"prompt has {count} <image> tag(s) but {len(grids)} image(s) were given")
+    out: list[int] = []
+    images = iter(grids)
+    for t in ids:
+        if t == IMAGE_TOKEN_ID:
+            h, w = next(images)
+            out.extend([IMAGE_TOKEN_ID] * (h * w))
+        else:
+            out.append(t)
+    return out
+
+
+def attention_mask(
+    key_valid: torch.Tensor,  # [B, S] bool: real (not padding) positions
+    q_len: int,
+    image_ids: torch.Tensor | None = None,  # [B, S] long: k>0 for positions of image k, else 0
+) -> torch.Tensor:
+    """Causal mask [B, 1, q_len, S] for the last `q_len` positions, optionally bidirectional within images.
+
+    Every query may attend to itself, so padding rows never softmax over an empty set (NaN).
+    """
+    s = key_valid.shape[1]
+    q_pos = torch.arange(s - q_len, s, device=key_valid.device)
+    k_pos = torch.arange(s, device=key_valid.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
+    if image_ids is not None:
+        q_img = image_ids[:, s - q_len :]
+        allowed |= (q_img[:, :, None] == image_ids[:, None, :]) & (q_img[:, :, None] > 0) & key_valid[:, None, :]
+    allowed |= (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None]
+
+
+def image_segment_ids(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Number each image's positions 1, 2, ... in the order images appear (row-major over the batch)."""
+    is_image = (input_ids == IMAGE_TOKEN_ID).flatten()
+    ids = torch.zeros_like(input_ids).flatten()
+    ids[is_image] = torch.repeat_interleave(
+        torch.arange(1, len(lengths) + 1, device=input_ids.device), torch.tensor(lengths, device=input_ids.device)
+    )
+    return ids.view_as(input_ids)
+
+
+class Phi4RV(nn.Module):
+    def __init__(self, cfg: Phi4RVConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.projector = build_projector(cfg.projector)
+        self.decoder = Decoder(cfg.decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def encode_images(self, pixels: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+        """[N, C*p*p] packed patches -> [N, D_lm] features ready to splice into the text."""
+        return self.projector(self.vision(pixels, grids))
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] ids (image positions = IMAGE_TOKEN_ID) -> [B, T, D] embeddings with images spliced in."""
+        is_image = input_ids == IMAGE_TOKEN_ID
+        x = self.decoder.embed_tokens(input_ids.clamp(min=0))
+        n_feat = 0 if image_features is None else image_features.shape[0]
+        n_pos = int(is_image.sum())
+        if n_pos != n_feat:
+            raise ValueError(f"{n_pos} image positions in the input but {n_feat} image features")
+        if n_feat:
+            x = x.masked_scatter(is_image[..., None], image_features.to(x.dtype))
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T], images already expanded (expand_image_tokens)
+        pixels: torch.Tensor | None = None,  # [N, C*p*p] all images of the batch, packed in order
+        grids: list[Grid] | None = None,
+        padding_mask: torch.Tensor | None = None,  # [B, T] bool, True = real token
+        positions: torch.Tensor | None = None,  # [B, T]
+        labels: torch.Tensor | None = None,  # [B, T]; shifted inside, image positions ignored
+    ) -> torch.Tensor:
+        """Logits [B, T, V], or the mean next-token loss when `labels` are given."""
+        grids = grids or []
+        feats = self.encode_images(pixels, grids) if grids else None
+        x = self.embed(input_ids, feats)
+        if positions is None:
+            positions = default_positions(padding_mask, input_ids)
+        mask = None
+        if self.cfg.image_bidirectional_attention and grids:
+            valid = padding_mask if padding_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            mask = attention_mask(valid, input_ids.shape[1], image_segment_ids(input_ids, [h * w for h, w in grids]))
+        elif padding_mask is not None and not bool(padding_mask.all()):
+            mask = attention_mask(padding_mask, input_ids.shape[1])
+        h = self.decoder(x, positions, mask)
+        logits = self.decoder.lm_head(h)
+        if labels is None:
+            return logits
+        labels = labels.masked_fill(input_ids == IMAGE_TOKEN_ID, IGNORE_INDEX)
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg.decoder, batch, max_len, self.device, self.dtype)
+
+
+def default_positions(padding_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... counted over real tokens only (left padding does not shift positions)."""
+    if padding_mask is None:
+        b, t = input_ids.shape
+        return torch.arange(t, device=input_ids.device).expand(b, -1)
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
