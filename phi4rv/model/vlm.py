@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4rv.config import Phi4RVConfig
-from phi4rv.model.decoder import Decoder, KVCache
+from phi4rv.model.decoder import Decoder, KVCache, RMSNorm
 from phi4rv.model.projector import build_projector
 from phi4rv.model.vision import Grid, VisionEncoder
 
@@ -73,6 +73,20 @@ class Phi4RV(nn.Module):
         self.vision = VisionEncoder(cfg.vision)
         self.projector = build_projector(cfg.projector)
         self.decoder = Decoder(cfg.decoder)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for new models: normal(0, std) matrices and embeddings, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.zero_()
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
 
     @property
     def device(self) -> torch.device:
