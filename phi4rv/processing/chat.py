@@ -1,0 +1,278 @@
+"""Chat prompts, reasoning modes and output parsing.
+
+Prompts are rendered from a Jinja chat template the way transformers' `apply_chat_template` renders
+them, including the `{% generation %}` blocks that mark assistant text, so the assistant-only loss
+mask comes from the template. `<image>` in the rendered text becomes IMAGE_TOKEN_ID, one per image;
+the model widens each into that image's features.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Literal
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from phi4rv.model.vlm import IMAGE_TOKEN_ID  # noqa: F401  (re-exported: the id `<image>` encodes to)
+from phi4rv.processing.tokenizer import Tokenizer
+
+IMAGE_TOKEN = "<image>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+NOTHINK_TOKEN = "<|dummy_84|>"  # the paper's <nothink>
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+MODES = ("auto", "think", "nothink")
+Mode = Literal["auto", "think", "nothink"]
+
+# Our own template with the release's structure: a fixed system turn that explains the two modes
+# (a user's system message is appended to it), then `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`
+# per turn with nothing between turns, each assistant turn's content and <|im_end|> inside a
+# generation block. Content is a string or OpenAI-style parts; an image part renders as "<image>\n".
+DEFAULT_CHAT_TEMPLATE = """\
+{%- macro render_content(content) -%}
+{%- if content is string -%}
+{{- content -}}
+{%- else -%}
+{%- for part in content -%}
+{%- if part.type == "text" -%}
+{{- part.text -}}
+{%- elif part.type in ("image", "image_url") -%}
+{{- "<image>\\n" -}}
+{%- else -%}
+{{- raise_exception("unsupported content part type: " ~ part.type) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- set system = "You are a helpful assistant that understands images and text. \
+You answer in one of two ways. For a question that needs careful, step-by-step work, such as math, \
+science or a chart that must be read closely, first reason inside <think> and </think>, then write \
+the final answer after </think>. For a question you can answer at once, such as describing an \
+image, reading its text or locating an element, answer directly, without a reasoning block. \
+Keep final answers short and precise." -%}
+{%- set turns = messages -%}
+{%- if messages and messages[0].role == "system" -%}
+{%- set system = system ~ "\\n\\n" ~ render_content(messages[0].content) -%}
+{%- set turns = messages[1:] -%}
+{%- endif -%}
+{{- "<|im_start|>system<|im_sep|>" ~ system ~ "<|im_end|>" -}}
+{%- for message in turns -%}
+{%- if message.role == "assistant" -%}
+{{- "<|im_start|>assistant<|im_sep|>" -}}
+{%- generation -%}
+{{- render_content(message.content) ~ "<|im_end|>" -}}
+{%- endgeneration -%}
+{%- else -%}
+{{- "<|im_start|>" ~ message.role ~ "<|im_sep|>" ~ render_content(message.content) ~ "<|im_end|>" -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- "<|im_start|>assistant<|im_sep|>" -}}
+{%- endif -%}
+"""
+
+# (character count rendered so far, spans found) of the render in progress, if it records spans.
+_RENDER_STATE: ContextVar[tuple[list[int], list[tuple[int, int]]] | None] = ContextVar(
+    "phi4rv_render_state", default=None
+)
+
+
+class _GenerationBlock(Extension):
+    """`{% generation %}...{% endgeneration %}`: renders its body and records where it landed."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_record", []), [], [], body).set_lineno(lineno)
+
+    def _record(self, caller: Any) -> str:
+        text = caller()
+        state = _RENDER_STATE.get()
+        if state is not None:
+            # Everything before this block has been yielded already; the block comes next.
+            rendered, spans = state
+            spans.append((rendered[0], rendered[0] + len(text)))
+        return text
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes <, >, & for HTML; chat templates want plain JSON.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
+
+
+def render_chat(
+    template: str, messages: list[dict], add_generation_prompt: bool = False, **kwargs: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` with a chat template as transformers does; return the text and the
+    character spans `[start, end)` of its generation blocks.
+
+    Like transformers, keys whose value is None are dropped from each message, and the template
+    also sees `tools` and `documents` (None unless given) and any other keyword argument.
+    """
+    for m in messages:
+        if not isinstance(m, dict):
+            raise TypeError(f"each message must be a dict, got {type(m).__name__}")
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    kwargs.setdefault("tools", None)
+    kwargs.setdefault("documents", None)
+    compiled = _compile(template)
+    rendered, spans, pieces = [0], [], []  # rendered: a mutable count the extension reads
+    token = _RENDER_STATE.set((rendered, spans))
+    try:
+        for piece in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs):
+            pieces.append(piece)
+            rendered[0] += len(piece)
+    finally:
+        _RENDER_STATE.reset(token)
+    return "".join(pieces), spans
+
+
+def mode_prefix(mode: Mode) -> str:
+    """What follows the generation prompt in each mode: nothing, `<think>`, or the nothink marker."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return {"auto": "", "think": THINK_START, "nothink": NOTHINK_TOKEN}[mode]
+
+
+@dataclass
+class EncodedChat:
+    input_ids: list[int]
+    assistant_mask: list[bool]
+    num_images: int
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    mode: Mode = "auto",
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+) -> EncodedChat:
+    """Render and tokenize a conversation.
+
+    The template is `template`, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE. The mode
+    prefix is appended only after a generation prompt. A token is assistant iff its characters
+    overlap a generation block (the same rule as transformers' char_to_token mask); image
+    placeholders never are.
+    """
+    prefix = mode_prefix(mode)
+    template = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    text, spans = render_chat(template, messages, add_generation_prompt, **tokenizer.special_tokens())
+    if add_generation_prompt:
+        text += prefix
+
+    ids: list[int] = []
+    mask: list[bool] = []
+    pieces = text.split(IMAGE_TOKEN)
+    base = 0
+    for n, piece in enumerate(pieces):
+        if n:
+            ids.append(IMAGE_TOKEN_ID)
+            mask.append(False)
+            base += len(IMAGE_TOKEN)
+        piece_ids, offsets = tokenizer.encode_with_offsets(piece)
+        ids.extend(piece_ids)
+        for start, end in offsets:
+            start, end = base + start, base + end
+            mask.append(any(start < s_end and end > s_start for s_start, s_end in spans))
+        base += len(piece)
+    return EncodedChat(ids, mask, len(pieces) - 1)
+
+
+@dataclass
+class Completion:
+    thinking: str | None
+    answer: str
+    mode: Literal["think", "nothink"]
+    finished: bool
+
+
+def parse_completion(text: str, mode: Mode, stopped_by_length: bool = False) -> Completion:
+    """Split generated text into (thinking, answer).
+
+    `mode` is the prompt's mode: after a "think" prompt the text starts inside the reasoning; after
+    "nothink" it is all answer; in "auto" a leading `<think>` or nothink marker tells which (neither
+    means a direct answer). Text after a stop token is dropped. An unclosed `<think>` leaves the
+    answer empty and the completion unfinished, as does a stop by length.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for stop in STOP_TOKENS:
+        text = text.split(stop, 1)[0]
+    body = text.lstrip()
+    if mode == "auto":
+        if body.startswith(THINK_START):
+            mode, body = "think", body[len(THINK_START) :]
+        else:
+            mode = "nothink"
+    if mode == "think":
+        if body.lstrip().startswith(THINK_START):  # tolerate a repeated <think>
+            body = body.lstrip()[len(THINK_START) :]
+        thinking, closed, answer = body.partition(THINK_END)
+        return Completion(thinking.strip(), answer.strip(), "think", closed != "" and not stopped_by_length)
+    if body.startswith(NOTHINK_TOKEN):
+        body = body[len(NOTHINK_TOKEN) :]
+    return Completion(None, body.strip(), "nothink", not stopped_by_length)
+
+
+_NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+_BOX = re.compile(r"\[" + ",".join([_NUMBER] * 4) + r"\]")
+
+
+def parse_box(text: str) -> tuple[float, float, float, float] | None:
+    """The last `[x1, y1, x2, y2]` in `text` as fractions of width/height, or None when there is
+    none or the last one is not a valid box (a coordinate outside [0, 1], or x1 > x2, y1 > y2)."""
+    matches = _BOX.findall(text)
+    if not matches:
+        return None
+    x1, y1, x2, y2 = (float(v) for v in matches[-1])
+    if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)) or x1 > x2 or y1 > y2:
+        return None
+    return x1, y1, x2, y2
+
+
+def box_center(box: tuple[float, float, float, float]) -> tuple[float, float]:
+    x1, y1, x2, y2 = box
+    return (x1 + x2) / 2, (y1 + y2) / 2
+
+
+def to_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[float, float, float, float]:
+    """A fractional box in pixel coordinates of a `width` x `height` image."""
+    x1, y1, x2, y2 = box
+    return x1 * width, y1 * height, x2 * width, y2 * height
