@@ -56,18 +56,20 @@ class VisionAttention(nn.Module):
         # x: [N, D], one block of `lengths[i]` patches per image; bidirectional within a block.
         n, d = x.shape
         hd = d // self.num_heads
-        q, k, v = (p(x).view(n, self.num_heads, hd).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # [1, H, N, hd]: 4-D inputs let SDPA use its fused (flash) CPU kernel; with 3-D inputs it
+        # falls back to the math path, which materialises every [H, n, n] score matrix.
+        q, k, v = (p(x).view(1, n, self.num_heads, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         if len(lengths) == 1:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = torch.cat(
                 [
                     F.scaled_dot_product_attention(qi, ki, vi)
-                    for qi, ki, vi in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))
+                    for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
                 ],
-                dim=1,
+                dim=2,
             )
-        return self.out_proj(out.transpose(0, 1).reshape(n, d))
+        return self.out_proj(out[0].transpose(0, 1).reshape(n, d))
 
 
 class VisionMLP(nn.Module):

@@ -1,0 +1,5 @@
+import sys
+
+from phi4rv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""A checkpoint ready to chat: model + tokenizer + image settings, with timing and token accounting.
+
+This is the Python API behind `phi4rv chat` (and later the server):
+
+    cm = ChatModel.load("ckpt/")
+    r = cm.chat([{"role": "user", "content": "<image>\\nWhat is this?"}], images=["cat.jpg"], mode="think")
+    print(r.thinking, r.answer, r.usage, r.timing)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from phi4rv.checkpoint import load_model
+from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate_stream
+from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.chat import MODES, NOTHINK_TOKEN, THINK_END, THINK_START, encode_chat, parse_completion
+from phi4rv.processing.image import ImageProcessorConfig, ImageSource, process_image
+from phi4rv.processing.tokenizer import Tokenizer
+
+MARKERS = (THINK_START, THINK_END, NOTHINK_TOKEN)
+
+
+@dataclass
+class Delta:
+    kind: str  # "thinking" | "answer"
+    text: str
+
+
+@dataclass
+class ChatResult:
+    thinking: str | None
+    answer: str
+    mode: str  # the mode the answer was produced in: "think" | "nothink"
+    finished: bool
+    finish_reason: str | None
+    text: str  # raw generated text
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    usage: dict[str, int]
+    timing: dict[str, float]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class MarkerSplitter:
+    """Turns streamed text into thinking / answer pieces, hiding the mode markers.
+
+    Text that might be the start of a marker is held back until it can be decided.
+    """
+
+    def __init__(self, thinking: bool):
+        self.thinking = thinking
+        self.buf = ""
+
+    def push(self, text: str, final: bool = False) -> list[Delta]:
+        self.buf += text
+        out: list[Delta] = []
+        while self.buf:
+            hits = [(i, m) for m in MARKERS if (i := self.buf.find(m)) >= 0]
+            if hits:
+                i, m = min(hits)
+                self._emit(out, self.buf[:i])
+                self.buf = self.buf[i + len(m) :]
+                self.thinking = m == THINK_START
+                continue
+            keep = 0 if final else max((k for m in MARKERS for k in range(1, len(m)) if self.buf.endswith(m[:k])), default=0)
+            self._emit(out, self.buf[: len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep :]
+            break
+        return out
+
+    def _emit(self, out: list[Delta], text: str) -> None:
+        if text:
+            out.append(Delta("thinking" if self.thinking else "answer", text))
+
+
+class ChatModel:
+    def __init__(self, model: Phi4RV, tokenizer: Tokenizer, image_cfg: ImageProcessorConfig, generation_config: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_cfg = image_cfg
+        self.generation_config = generation_config
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None) -> ChatModel:
+        path = Path(path)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_dir(path)
+        pre = path / "preprocessor_config.json"
+        image_cfg = ImageProcessorConfig.from_dict(json.loads(pre.read_text())) if pre.is_file() else ImageProcessorConfig()
+        image_cfg.min_num_patches = model.cfg.min_num_patches
+        image_cfg.max_num_patches = model.cfg.max_num_patches
+        image_cfg.patch_size = model.cfg.vision.patch_size
+        gen = path / "generation_config.json"
+        generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
+        return cls(model, tokenizer, image_cfg, generation_config)
+
+    def stop_ids(self) -> tuple[int, ...]:
+        eos = self.generation_config.get("eos_token_id", self.model.cfg.eos_token_id)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        ids.add(self.tokenizer.eos_id)
+        return tuple(sorted(i for i in ids if i is not None))
+
+    def prepare(self, messages: list[dict], images: Sequence[ImageSource], mode: str) -> tuple[Request, dict]:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        t0 = time.perf_counter()
+        patches = [process_image(im, self.image_cfg) for im in images]
+        enc = encode_chat(self.tokenizer, messages, mode=mode)
+        if enc.num_images != len(patches):
+            raise ValueError(f"the prompt has {enc.num_images} <image> tag(s) but {len(patches)} image(s) were given")
+        image_tokens = sum(p.grid[0] * p.grid[1] for p in patches)
+        usage = {"prompt_tokens": len(enc.input_ids) - enc.num_images + image_tokens, "image_tokens": image_tokens}
+        timing = {"preprocess": time.perf_counter() - t0}
+        return Request(enc.input_ids, patches, thinking=mode == "think"), {"usage": usage, "timing": timing}
+
+    def params(self, **kw) -> GenerationParams:
+        kw.setdefault("stop_ids", self.stop_ids())
+        return GenerationParams(**kw)
+
+    def stream_events(
+        self, messages: list[dict], images: Sequence[ImageSource] = (), mode: str = "auto", params: GenerationParams | None = None
+    ) -> Iterator[tuple[TokenEvent, dict]]:
+        request, info = self.prepare(messages, images, mode)
+        for events in generate_stream(self.model, self.tokenizer, [request], params or self.params(), info["timing"]):
+            yield events[0], info
+
+    def stream(
+        self, messages: list[dict], images: Sequence[ImageSource] = (), mode: str = "auto", params: GenerationParams | None = None
+    ) -> Iterator[Delta]:
+        """Thinking and answer text as it is generated, markers removed."""
+        splitter = MarkerSplitter(thinking=mode == "think")
+        for event, _ in self.stream_events(messages, images, mode, params):
+            yield from splitter.push(event.text, final=event.finish_reason is not None)
+
+    def chat(
+        self, messages: list[dict], images: Sequence[ImageSource] = (), mode: str = "auto", params: GenerationParams | None = None
+    ) -> ChatResult:
+        tokens, logprobs, tops, text, thinking_tokens, finish, info = [], [], [], "", 0, None, {}
+        for event, info in self.stream_events(messages, images, mode, params):
+            tokens.append(event.token_id)
+            logprobs.append(event.logprob)
+            if event.top_logprobs is not None:
+                tops.append(event.top_logprobs)
+            text += event.text
+            thinking_tokens += event.thinking
+            finish = event.finish_reason
+        parsed = parse_completion(text, mode, stopped_by_length=finish == "length")
+        usage = dict(info["usage"])
+        usage.update(
+            completion_tokens=len(tokens),
+            thinking_tokens=thinking_tokens,
+            answer_tokens=len(tokens) - thinking_tokens,
+        )
+        return ChatResult(
+            thinking=parsed.thinking,
+            answer=parsed.answer,
+            mode=parsed.mode,
+            finished=parsed.finished,
+            finish_reason=finish,
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            top_logprobs=tops,
+            usage=usage,
+            timing=info["timing"],
+        )

@@ -1,0 +1,197 @@
+"""The `phi4rv` command: init, info, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from phi4rv.checkpoint import DTYPES, CheckpointError
+from phi4rv.config import PRESETS, Phi4RVConfig, preset
+from phi4rv.processing.image import ImageError
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from phi4rv.checkpoint import save_checkpoint
+    from phi4rv.model import Phi4RV
+    from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
+    from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
+
+    cfg = preset(args.preset)
+    torch.manual_seed(args.seed)
+    model = Phi4RV(cfg)
+    model.init_weights()
+    with tempfile.TemporaryDirectory() as tok_dir:
+        build_phi4_tokenizer(tok_dir, chat_template=DEFAULT_CHAT_TEMPLATE)
+        tokenizer = Tokenizer.from_dir(tok_dir)
+    save_checkpoint(model, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: preset {args.preset}, {n / 1e6:.1f}M parameters, {args.dtype}")
+
+
+def parameter_counts(cfg: Phi4RVConfig) -> dict[str, int]:
+    """Parameter counts per part, computed on the meta device (nothing is allocated)."""
+    from phi4rv.model import Phi4RV
+
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    d = model.decoder
+    used_vision = count(model.vision) - count(model.vision.encoder.layers[-1]) - count(model.vision.post_layernorm)
+    return {
+        "vision_encoder": count(model.vision),
+        "vision_encoder_used": used_vision,
+        "projector": count(model.projector),
+        "decoder_embeddings": count(d.embed_tokens),
+        "decoder_layers": count(d.layers) + count(d.norm),
+        "lm_head": count(d.lm_head),
+        "total": count(model),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    cfg = preset(args.preset) if args.preset else Phi4RVConfig.load(args.model)
+    counts = parameter_counts(cfg)
+    info = {
+        "source": args.preset or str(args.model),
+        "vision": vars(cfg.vision),
+        "projector": vars(cfg.projector),
+        "decoder": vars(cfg.decoder),
+        "patches": {"min": cfg.min_num_patches, "max": cfg.max_num_patches, "patch_size": cfg.vision.patch_size},
+        "parameters": counts,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    v, dc = cfg.vision, cfg.decoder
+    print(f"{info['source']}")
+    print(f"  vision   SigLIP-2 NaFlex: {v.num_hidden_layers} layers x {v.hidden_size} ({v.num_attention_heads} heads), "
+          f"patch {v.patch_size}, {cfg.min_num_patches}-{cfg.max_num_patches} patches/image")
+    print(f"  projector {cfg.projector.kind}: {cfg.projector.input_size} -> {cfg.projector.output_size}")
+    print(f"  decoder  Phi-3: {dc.num_hidden_layers} layers x {dc.hidden_size}, {dc.num_attention_heads} q / "
+          f"{dc.num_key_value_heads} kv heads of {dc.head_dim}, rope theta {dc.rope_theta:g} "
+          f"(rotary {dc.rotary_dim}/{dc.head_dim}), vocab {dc.vocab_size}")
+    for name, n in counts.items():
+        print(f"  {name:<20} {n:>16,}  ({n / 1e9:.3f}B)")
+
+
+def _messages(prompt: str, n_images: int) -> list[dict]:
+    if "<image>" in prompt:
+        return [{"role": "user", "content": prompt}]
+    parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    return [{"role": "user", "content": parts}]
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from phi4rv.chat_model import ChatModel
+    from phi4rv.generation.sampling import SamplingParams
+
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device)
+    params = cm.params(
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+        seed=args.seed,
+        thinking_budget=args.thinking_budget,
+        top_logprobs=args.top_logprobs,
+    )
+    if args.prompt is not None:
+        messages = _messages(args.prompt, len(args.image))
+        if args.json:
+            print(json.dumps(cm.chat(messages, args.image, args.mode, params).to_json()))
+        else:
+            _print_stream(cm, messages, args.image, args.mode, params)
+        return
+    # interactive: images attach to the first turn; the conversation is kept
+    history: list[dict] = []
+    images = list(args.image)
+    print("phi4rv chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history += _messages(line, len(images) if not history else 0)
+        if args.json:
+            result = cm.chat(history, images, args.mode, params)
+            print(json.dumps(result.to_json()))
+            answer = result.answer
+        else:
+            answer = _print_stream(cm, history, images, args.mode, params)
+        history.append({"role": "assistant", "content": answer})
+
+
+def _print_stream(cm, messages, images, mode, params) -> str:
+    tty = sys.stdout.isatty()
+    dim, reset = ("\033[2m", "\033[0m") if tty else ("", "")
+    kind, answer = None, ""
+    for delta in cm.stream(messages, images, mode, params):
+        if delta.kind != kind:
+            if kind is not None:
+                print(reset)
+            print(f"{dim}[thinking]" if delta.kind == "thinking" else "[answer]")
+            kind = delta.kind
+        if delta.kind == "answer":
+            answer += delta.text
+        print(delta.text, end="", flush=True)
+    print(reset if kind == "thinking" else "")
+    return answer.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phi4rv", description="Phi-4-reasoning-vision in plain PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a random-weight checkpoint in the release format")
+    s.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("info", help="shapes and parameter counts (computed without allocating weights)")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("model", nargs="?", type=Path, help="checkpoint folder (or its config.json)")
+    g.add_argument("--preset", choices=list(PRESETS))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("chat", help="chat with a checkpoint, optionally about images")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    s.add_argument("--mode", default="auto", choices=["auto", "think", "nothink"])
+    s.add_argument("--max-new-tokens", type=int, default=1024)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--thinking-budget", type=int, default=None, help="force </think> after N thinking tokens")
+    s.add_argument("--top-logprobs", type=int, default=0)
+    s.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as stored")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    s.add_argument("prompt", nargs="?", help="without a prompt: interactive session")
+    s.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (CheckpointError, ImageError, ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"phi4rv: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

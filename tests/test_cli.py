@@ -1,0 +1,82 @@
+"""The `phi4rv` command end to end: init, info, chat, and one-line errors with a non-zero exit."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from phi4rv.cli import main
+
+
+def run(*args, stdin=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "phi4rv", *map(str, args)], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=120)
+
+
+def test_init_info_chat_json(tmp_path, images_dir):
+    out = tmp_path / "tiny"
+    r = run("init", "--preset", "tiny", "--out", out, "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert (out / "chat_template.jinja").is_file() and (out / "tokenizer.json").is_file()
+    info = run("info", out, "--json")
+    assert json.loads(info.stdout)["parameters"]["total"] > 1e6
+    r = run("chat", "--model", out, "--image", images_dir / "photo.jpg", "--temperature", "0",
+            "--max-new-tokens", "5", "--json", "--top-logprobs", "2", "Describe.")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert {"thinking", "answer", "mode", "token_ids", "logprobs", "usage", "timing"} <= set(obj)
+    assert len(obj["token_ids"]) == len(obj["logprobs"]) == 5
+    assert obj["usage"]["image_tokens"] > 0
+    assert set(obj["timing"]) == {"preprocess", "vision", "prefill", "decode"}
+
+
+def test_chat_greedy_is_reproducible_and_streams(tiny_ckpt, capsys):
+    args = ["chat", "--model", str(tiny_ckpt), "--temperature", "0", "--max-new-tokens", "8", "--json", "Hello"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == first["token_ids"]
+    assert main(args[:-2] + ["--mode", "think", "Hello"]) == 0
+    streamed = capsys.readouterr().out
+    assert streamed.startswith("[thinking]")
+
+
+def test_interactive_session_keeps_history(tiny_ckpt):
+    r = run("chat", "--model", tiny_ckpt, "--temperature", "0", "--max-new-tokens", "3", "--json", stdin="hi\nagain\n\n")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(lines) == 2 and lines[1]["usage"]["prompt_tokens"] > lines[0]["usage"]["prompt_tokens"] + 3
+
+
+def error_of(args, capsys):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.startswith("phi4rv: error:") and "\n" not in err
+    return err
+
+
+def test_bad_input_gets_one_line_errors(tiny_ckpt, tmp_path, capsys):
+    assert "not found" in error_of(["chat", "--model", tmp_path / "missing", "hi"], capsys)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert "not an image" in error_of(["chat", "--model", tiny_ckpt, "--image", text, "hi"], capsys)
+    err = error_of(["chat", "--model", tiny_ckpt, "<image><image> two?"], capsys)
+    assert "2 <image> tag(s) but 0 image(s)" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    for shard in broken.glob("model-*.safetensors"):
+        shard.write_bytes(shard.read_bytes()[:1000])
+    assert "safetensors" in error_of(["chat", "--model", broken, "hi"], capsys)
+    for shard in broken.glob("model-*.safetensors"):
+        shard.unlink()
+    assert "missing weight files" in error_of(["chat", "--model", broken, "hi"], capsys)
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    shaped = tmp_path / "shaped"
+    shutil.copytree(tiny_ckpt, shaped)
+    (shaped / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
+    assert "shape" in error_of(["chat", "--model", shaped, "hi"], capsys)
+    assert "temperature" in error_of(["chat", "--model", tiny_ckpt, "--temperature", "-1", "hi"], capsys)
