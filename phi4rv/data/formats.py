@@ -1,0 +1,224 @@
+"""Training/eval samples and the on-disk formats people already have.
+
+One in-memory form, `Sample`: OpenAI-style messages whose string contents hold `<image>` tags,
+plus the images those tags refer to, in order. Readers accept:
+
+- LLaVA JSON / JSONL: `{"id", "image": "a.jpg" | "images": [...], "conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`
+  (image paths relative to `image_root`, default the file's folder);
+- OpenAI `messages` JSONL: `{"messages": [{"role", "content": str | [{"type": "text"|"image_url"|"image", ...}]}]}`
+  with images as data URIs or local paths;
+- Parquet shards written by `write_parquet`: columns `id`, `messages` (JSON), `images` (list of
+  encoded image bytes), `meta` (JSON).
+
+A reasoning answer is `<think>…</think> answer`; a direct answer starts with NOTHINK_TOKEN
+(`mode_of` tells which). Images are kept as paths or bytes and decoded only when used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN, THINK_START
+
+ImageRef = Union[bytes, str]  # encoded bytes, or a path to a file
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class DatasetFormatError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    id: str
+    messages: list[dict[str, str]]  # [{"role": "user"|"assistant"|"system", "content": str with <image> tags}]
+    images: list[ImageRef] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # task, source, scene, ...
+
+    @property
+    def num_image_tags(self) -> int:
+        return sum(m["content"].count(IMAGE_TOKEN) for m in self.messages)
+
+    def answers(self) -> list[str]:
+        return [m["content"] for m in self.messages if m["role"] == "assistant"]
+
+
+def mode_of(answer: str) -> str:
+    """"think" for `<think>…` answers, "nothink" otherwise (marked or not)."""
+    return "think" if answer.lstrip().startswith(THINK_START) else "nothink"
+
+
+def mark_nothink(answer: str) -> str:
+    """Direct answers carry the nothink marker in front, as the release's data does."""
+    if mode_of(answer) == "think" or answer.startswith(NOTHINK_TOKEN):
+        return answer
+    return NOTHINK_TOKEN + answer
+
+
+def load_image_bytes(ref: ImageRef) -> bytes:
+    if isinstance(ref, bytes):
+        return ref
+    return Path(ref).read_bytes()
+
+
+# ---- readers ---------------------------------------------------------------------------------
+
+
+def _records(path: Path) -> Iterator[dict]:
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise DatasetFormatError(f"{path}: a .json dataset must hold a list of samples")
+        yield from data
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetFormatError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+
+
+def _from_llava(rec: dict, root: Path, idx: int) -> Sample:
+    images = rec.get("images", [rec["image"]] if "image" in rec else [])
+    if isinstance(images, str):
+        images = [images]
+    messages = []
+    for turn in rec["conversations"]:
+        role = _ROLES.get(turn.get("from", ""))
+        if role is None:
+            raise DatasetFormatError(f"sample {rec.get('id', idx)}: unknown speaker {turn.get('from')!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    meta = {k: v for k, v in rec.items() if k not in ("id", "image", "images", "conversations")}
+    return Sample(str(rec.get("id", idx)), messages, [str(root / p) for p in images], meta)
+
+
+def _image_from_url(url: str, root: Path) -> ImageRef:
+    if url.startswith("data:"):
+        _, _, payload = url.partition(",")
+        return base64.b64decode(payload)
+    if url.startswith(("http://", "https://")):
+        raise DatasetFormatError(f"remote image URLs are not fetched: {url[:60]}")
+    return str(root / url.removeprefix("file://"))
+
+
+def _from_openai(rec: dict, root: Path, idx: int) -> Sample:
+    messages, images = [], []
+    for m in rec["messages"]:
+        content = m["content"]
+        if isinstance(content, list):
+            text = ""
+            for part in content:
+                kind = part.get("type")
+                if kind == "text":
+                    text += part["text"]
+                elif kind in ("image_url", "image"):
+                    url = part["image_url"]["url"] if kind == "image_url" else part.get("image", part.get("path"))
+                    images.append(_image_from_url(url, root))
+                    text += IMAGE_TOKEN + "\n"
+                else:
+                    raise DatasetFormatError(f"sample {rec.get('id', idx)}: unknown content part {kind!r}")
+            content = text
+        messages.append({"role": m["role"], "content": content})
+    meta = {k: v for k, v in rec.items() if k not in ("id", "messages")}
+    return Sample(str(rec.get("id", idx)), messages, images, meta)
+
+
+def read_parquet(path: Path) -> Iterator[Sample]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for row in table.to_pylist():
+        yield Sample(row["id"], json.loads(row["messages"]), list(row["images"] or []), json.loads(row["meta"] or "{}"))
+
+
+def read_samples(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Sample]:
+    """Samples from a .json / .jsonl / .parquet file (or a folder of .parquet shards)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    if path.is_dir():
+        shards = sorted(path.glob("*.parquet"))
+        if not shards:
+            raise DatasetFormatError(f"{path}: no .parquet shards")
+        for shard in shards:
+            yield from read_parquet(shard)
+        return
+    if path.suffix == ".parquet":
+        yield from read_parquet(path)
+        return
+    if path.suffix not in (".json", ".jsonl"):
+        raise DatasetFormatError(f"{path}: unsupported dataset format (use .json, .jsonl or .parquet)")
+    root = Path(image_root) if image_root else path.parent
+    for i, rec in enumerate(_records(path)):
+        if not isinstance(rec, dict):
+            raise DatasetFormatError(f"{path}: sample {i} is not an object")
+        try:
+            if "conversations" in rec:
+                yield _from_llava(rec, root, i)
+            elif "messages" in rec:
+                yield _from_openai(rec, root, i)
+            else:
+                raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} has neither 'conversations' nor 'messages'")
+        except KeyError as e:
+            raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} lacks field {e.args[0]!r}") from None
+
+
+# ---- writers ---------------------------------------------------------------------------------
+
+
+def write_parquet(samples: list[Sample], path: str | os.PathLike) -> None:
+    """One Parquet shard with image bytes embedded (written to a temp name, then renamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    table = pa.table(
+        {
+            "id": [s.id for s in samples],
+            "messages": [json.dumps(s.messages, ensure_ascii=False) for s in samples],
+            "images": pa.array([[load_image_bytes(r) for r in s.images] for s in samples], type=pa.list_(pa.binary())),
+            "meta": [json.dumps(s.meta, ensure_ascii=False) for s in samples],
+        }
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_jsonl(samples: list[Sample], path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> None:
+    """OpenAI-messages JSONL; byte images are written under `image_dir` (default `<path>_images/`)."""
+    path = Path(path)
+    image_dir = Path(image_dir) if image_dir else path.with_name(path.stem + "_images")
+    lines = []
+    for s in samples:
+        refs = []
+        for k, ref in enumerate(s.images):
+            if isinstance(ref, bytes):
+                image_dir.mkdir(parents=True, exist_ok=True)
+                file = image_dir / f"{s.id}_{k}.png"
+                file.write_bytes(ref)
+                ref = str(file)
+            refs.append(os.path.relpath(ref, path.parent))
+        images = iter(refs)
+        messages = []
+        for m in s.messages:
+            parts, pieces = [], m["content"].split(IMAGE_TOKEN)
+            for j, piece in enumerate(pieces):
+                if j:
+                    parts.append({"type": "image_url", "image_url": {"url": next(images)}})
+                    piece = piece.removeprefix("\n")
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            messages.append({"role": m["role"], "content": parts if len(pieces) > 1 else m["content"]})
+        lines.append(json.dumps({"id": s.id, "messages": messages, **s.meta}, ensure_ascii=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
