@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from phi4rv.checkpoint import load_model
-from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate_stream
+from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate, generate_stream
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import MODES, NOTHINK_TOKEN, THINK_END, THINK_START, encode_chat, parse_completion
 from phi4rv.processing.image import ImageProcessorConfig, ImageSource, process_image
@@ -31,6 +31,13 @@ MARKERS = (THINK_START, THINK_END, NOTHINK_TOKEN)
 class Delta:
     kind: str  # "thinking" | "answer"
     text: str
+
+
+@dataclass
+class Conversation:
+    messages: list[dict]
+    images: list[ImageSource] = field(default_factory=list)
+    mode: str = "auto"
 
 
 @dataclass
@@ -146,32 +153,35 @@ class ChatModel:
     def chat(
         self, messages: list[dict], images: Sequence[ImageSource] = (), mode: str = "auto", params: GenerationParams | None = None
     ) -> ChatResult:
-        tokens, logprobs, tops, text, thinking_tokens, finish, info = [], [], [], "", 0, None, {}
-        for event, info in self.stream_events(messages, images, mode, params):
-            tokens.append(event.token_id)
-            logprobs.append(event.logprob)
-            if event.top_logprobs is not None:
-                tops.append(event.top_logprobs)
-            text += event.text
-            thinking_tokens += event.thinking
-            finish = event.finish_reason
-        parsed = parse_completion(text, mode, stopped_by_length=finish == "length")
-        usage = dict(info["usage"])
-        usage.update(
-            completion_tokens=len(tokens),
-            thinking_tokens=thinking_tokens,
-            answer_tokens=len(tokens) - thinking_tokens,
-        )
-        return ChatResult(
-            thinking=parsed.thinking,
-            answer=parsed.answer,
-            mode=parsed.mode,
-            finished=parsed.finished,
-            finish_reason=finish,
-            text=text,
-            token_ids=tokens,
-            logprobs=logprobs,
-            top_logprobs=tops,
-            usage=usage,
-            timing=info["timing"],
-        )
+        return self.chat_batch([Conversation(messages, list(images), mode)], params)[0]
+
+    def chat_batch(self, conversations: Sequence[Conversation], params: GenerationParams | None = None) -> list[ChatResult]:
+        """Several conversations generated together in one batch (their images encoded together)."""
+        prepared = [self.prepare(c.messages, c.images, c.mode) for c in conversations]
+        shared: dict[str, float] = {}
+        gens = generate(self.model, self.tokenizer, [req for req, _ in prepared], params or self.params(), shared)
+        results = []
+        for conv, (_, info), g in zip(conversations, prepared, gens):
+            parsed = parse_completion(g.text, conv.mode, stopped_by_length=g.finish_reason == "length")
+            usage = dict(info["usage"])
+            usage.update(
+                completion_tokens=len(g.token_ids),
+                thinking_tokens=g.thinking_tokens,
+                answer_tokens=len(g.token_ids) - g.thinking_tokens,
+            )
+            results.append(
+                ChatResult(
+                    thinking=parsed.thinking,
+                    answer=parsed.answer,
+                    mode=parsed.mode,
+                    finished=parsed.finished,
+                    finish_reason=g.finish_reason,
+                    text=g.text,
+                    token_ids=g.token_ids,
+                    logprobs=g.logprobs,
+                    top_logprobs=g.top_logprobs,
+                    usage=usage,
+                    timing={**info["timing"], **shared},
+                )
+            )
+        return results

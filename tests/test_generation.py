@@ -169,3 +169,16 @@ def test_marker_splitter_hides_markers_across_chunks():
         thinking = "".join(d.text for d in out if d.kind == "thinking")
         answer = "".join(d.text for d in out if d.kind == "answer")
         assert (thinking, answer) == ("let me see", "The answer is 4")
+
+
+def test_chat_batch_equals_single_chats(cm, images_dir):
+    from phi4rv.chat_model import Conversation
+
+    convs = [
+        Conversation([{"role": "user", "content": "Hello there"}], mode="nothink"),
+        Conversation([{"role": "user", "content": "<image>\nWhat?"}], [images_dir / "photo.jpg"], mode="think"),
+    ]
+    batch = cm.chat_batch(convs, greedy(8))
+    for conv, r in zip(convs, batch):
+        single = cm.chat(conv.messages, conv.images, conv.mode, greedy(8))
+        assert (r.token_ids, r.answer, r.thinking, r.usage) == (single.token_ids, single.answer, single.thinking, single.usage)
