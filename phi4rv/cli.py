@@ -143,6 +143,34 @@ def _print_stream(cm, messages, images, mode, params) -> str:
     return answer.strip()
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from phi4rv.chat_model import ChatModel
+    from phi4rv.serve.app import ServeSettings, create_app
+
+    if args.allow_local_images is not None and not args.allow_local_images.is_dir():
+        raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device)
+    settings = ServeSettings(
+        served_model_name=args.served_model_name or args.model.resolve().name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        allow_local_images=args.allow_local_images,
+        allow_remote_images=args.allow_remote_images,
+        max_images=args.max_images,
+        request_timeout=args.request_timeout,
+        default_max_tokens=args.default_max_tokens,
+    )
+    app = create_app(cm, settings)
+    engine = app.state.engine
+    print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
+          f"({engine.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.cache.nbytes / 2**20:.1f} MiB)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phi4rv", description="Phi-4-reasoning-vision in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object per answer")
     s.add_argument("prompt", nargs="?", help="without a prompt: interactive session")
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    s.add_argument("--default-max-tokens", type=int, default=4096, help="when a request sets no max_tokens")
+    s.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR", help="serve image paths under DIR")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--dtype", default=None, choices=list(DTYPES))
+    s.add_argument("--device", default=None)
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=cmd_serve)
+    from phi4rv.train.cli import register as _reg_train; _reg_train(sub)  # noqa: E702
+    from phi4rv.eval.cli import register as _reg_eval; _reg_eval(sub)  # noqa: E702
+    from phi4rv.data.cli import register as _reg_data; _reg_data(sub)  # noqa: E702
     return p
 
 

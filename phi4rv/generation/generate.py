@@ -68,7 +68,7 @@ class Generation:
     finish_reason: str | None = None
 
 
-class _Row:
+class SequenceState:
     """Text-level state of one sequence."""
 
     def __init__(self, tokenizer: Tokenizer, params: GenerationParams, thinking: bool):
@@ -177,7 +177,7 @@ def generate_stream(
     _sync(device)
     timing["prefill"] = time.perf_counter() - t0
 
-    rows = [_Row(tokenizer, params, r.thinking) for r in requests]
+    rows = [SequenceState(tokenizer, params, r.thinking) for r in requests]
     active = list(range(b))  # original row index of each batch row
     next_pos = positions[:, -1] + 1
     t0 = time.perf_counter()

@@ -69,6 +69,9 @@ class KVCache:
         self.v[layer][:, :, self.pos : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def advance(self, n: int) -> None:
+        self.pos += n
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` of the batch (finished sequences leave)."""
         self.k = [t[rows] for t in self.k]
@@ -148,5 +151,5 @@ class Decoder(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
-            cache.pos += embeds.shape[1]
+            cache.advance(embeds.shape[1])
         return self.norm(x)
