@@ -1,0 +1,206 @@
+"""Load test of `phi4rv serve`: continuous batching vs one request at a time, same model, one run.
+
+Starts the server twice on 127.0.0.1 (``--max-batch B`` and ``--max-batch 1``), drives each with
+C concurrent streaming clients sending a mix of text-only and image requests (icon, chart,
+photo, screenshot sizes), and reports requests/s, generated tokens/s, p50/p99 time to first
+token and latency, and failures. Greedy decoding with a fixed ``max_tokens`` so both runs do the
+same work.
+
+    python bench/serve_load.py --model runs/tiny --clients 16 --requests 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+SIZES = [None, (64, 64), (800, 600), (1024, 680), (1280, 720)]  # None = text only
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def image_uri(size: tuple[int, int], seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bodies(n: int, max_tokens: int) -> list[dict]:
+    uris = {s: image_uri(s, i) for i, s in enumerate(SIZES) if s}
+    out = []
+    for i in range(n):
+        size = SIZES[i % len(SIZES)]
+        content = [{"type": "text", "text": f"Request {i}: describe what you see."}]
+        if size:
+            content.insert(0, {"type": "image_url", "image_url": {"url": uris[size]}})
+        out.append({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                    "temperature": 0, "reasoning_effort": "none", "stream": True,
+                    "stream_options": {"include_usage": True}})
+    return out
+
+
+def start(model: str, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phi4rv", "serve", "--model", model, "--port", str(port), "--served-model-name", "bench",
+         "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def one(client: httpx.Client, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                return {"ok": False, "status": "stream error"}
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+            for c in obj.get("choices", []):
+                d = c.get("delta", {})
+                if ttft is None and (d.get("content") or d.get("reasoning_content")):
+                    ttft = time.perf_counter() - t0
+    total = time.perf_counter() - t0
+    return {"ok": True, "ttft": ttft if ttft is not None else total, "latency": total, "tokens": tokens}
+
+
+def run(url: str, work: list[dict], clients: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+    it = iter(work)
+
+    def worker():
+        with httpx.Client() as client:
+            while True:
+                with lock:
+                    body = next(it, None)
+                if body is None:
+                    return
+                try:
+                    res = one(client, url, body)
+                except httpx.HTTPError as e:
+                    res = {"ok": False, "status": type(e).__name__}
+                with lock:
+                    results.append(res)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    pct = lambda key, q: float(np.percentile([r[key] for r in ok], q)) if ok else float("nan")  # noqa: E731
+    return {
+        "requests": len(work),
+        "completed": len(ok),
+        "failed": len(work) - len(ok),
+        "lost": len(work) - len(results),
+        "wall_s": wall,
+        "requests_per_s": len(ok) / wall,
+        "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+        "ttft_p50_s": pct("ttft", 50),
+        "ttft_p99_s": pct("ttft", 99),
+        "latency_p50_s": pct("latency", 50),
+        "latency_p99_s": pct("latency", 99),
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint folder (default: a fresh tiny random one)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=1000, help="requests for the batched server")
+    p.add_argument("--sequential-requests", type=int, default=None,
+                   help="requests for the one-at-a-time server (default: requests/4; throughput is a rate)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--tiny", action="store_true", help="a few requests, for a smoke test")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if args.tiny:
+        args.clients, args.requests, args.max_tokens = 4, 12, 4
+    n_seq = args.sequential_requests or max(args.clients, args.requests // 4)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = str(Path(tmp) / "tiny")
+            subprocess.run([sys.executable, "-m", "phi4rv", "init", "--preset", "tiny", "--out", model], check=True,
+                           stdout=subprocess.DEVNULL)
+        figures = {}
+        for name, max_batch, n in (("continuous", args.max_batch, args.requests), ("one-at-a-time", 1, n_seq)):
+            proc, url = start(model, max_batch, max_queue=max(args.clients * 2, 64))
+            try:
+                run(url, bodies(min(args.clients, 4), args.max_tokens), args.clients)  # warm-up, not reported
+                figures[name] = run(url, bodies(n, args.max_tokens), args.clients)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+
+    cont, seq = figures["continuous"], figures["one-at-a-time"]
+    ratio = cont["requests_per_s"] / seq["requests_per_s"] if seq["requests_per_s"] else float("nan")
+    print(f"machine: {machine()}")
+    print(f"model: {args.model or 'tiny random (phi4rv init --preset tiny)'}; {args.clients} clients; "
+          f"max_tokens {args.max_tokens}; image mix {[s for s in SIZES]}")
+    keys = ["requests", "completed", "failed", "lost", "wall_s", "requests_per_s", "tokens_per_s", "ttft_p50_s",
+            "ttft_p99_s", "latency_p50_s", "latency_p99_s"]
+    print(f"{'':<16}" + "".join(f"{k:>15}" for k in ("continuous", "one-at-a-time")))
+    for k in keys:
+        print(f"{k:<16}" + "".join(f"{figures[n][k]:>15.3f}" if isinstance(figures[n][k], float) else f"{figures[n][k]:>15}"
+                                   for n in ("continuous", "one-at-a-time")))
+    print(f"throughput ratio (continuous / one-at-a-time): {ratio:.2f}x  (target >= 4x at 16 clients)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "clients": args.clients, "ratio": ratio, **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
