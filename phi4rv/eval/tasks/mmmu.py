@@ -1,0 +1,81 @@
+"""MMMU (validation, 900 questions in 30 subject configs).
+
+Layout: Parquet under `mmmu/<Subject>/validation-*.parquet` (MMMU/MMMU copy): `id`, `question`
+(with `<image k>` markers), `options` (a string holding a Python list), `answer`, `image_1` …
+`image_7`, `question_type` (`multiple-choice` | `open`), `subfield`, ….
+
+Prompt as lmms-eval (question, "A. option" lines, "Answer with the option's letter from the given
+choices directly." / "Answer the question using a single word or phrase."), except where the
+images go: each image referenced by a `<image k>` marker is placed before the text, in order of
+first mention, and the markers stay in the text as names (lmms-eval swaps markers for image
+slots in place, which breaks when an image is mentioned twice).
+
+Score: multiple choice — `extract.extract_choice` (an explicit "answer is X" first, then an
+answer-first letter, then the official rule: the last "(X)", the last lone letter, the option
+text); when nothing parses the official code picks a random letter, we count it unparsed.
+Open — the official rule (`scoring.mmmu_open_match`). Reported overall, per subject and per
+question type.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from phi4rv.eval.extract import extract_choice, letters_for
+from phi4rv.eval.scoring import UNPARSED, Scored, mmmu_open_match, parse_listish
+from phi4rv.eval.tasks.ai2d import MC_PROMPT, format_options
+from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
+
+OPEN_PROMPT = "Answer the question using a single word or phrase."
+_MARKER = re.compile(r"<image (\d+)>")
+
+
+def subject_of(sample_id: str) -> str:
+    m = re.fullmatch(r"(?:validation|test|dev)_(.+)_\d+", sample_id)
+    return m.group(1) if m else ""
+
+
+class MMMU(Task):
+    name = "mmmu"
+    folders = ("mmmu", "MMMU")
+    layout = "mmmu/<Subject>/validation-*.parquet: id, question, options (str list), answer, image_1..7, question_type"
+
+    def load(self, path: Path) -> list[EvalSample]:
+        samples = []
+        for row in parquet_rows(path, "validation"):
+            options = [str(o) for o in ast.literal_eval(row["options"])] if row.get("options") else []
+            mc = row["question_type"] == "multiple-choice"
+            text = f"{row['question']}\n{format_options(options)}\n\n{MC_PROMPT}" if mc else f"{row['question']}\n\n{OPEN_PROMPT}"
+            order = list(dict.fromkeys(int(k) for k in _MARKER.findall(text)))
+            if not order:
+                order = [k for k in range(1, 8) if row.get(f"image_{k}") is not None]
+            missing = [k for k in order if row.get(f"image_{k}") is None]
+            if missing:
+                raise ValueError(f"MMMU {row['id']}: the question mentions <image {missing[0]}> but image_{missing[0]} is empty")
+            images = [image_ref(row[f"image_{k}"], row["_file"].parent) for k in order]
+            samples.append(
+                EvalSample(
+                    id=row["id"],
+                    messages=user(with_image(text, len(images))),
+                    images=images,
+                    target=row["answer"],
+                    groups={"subject": subject_of(row["id"]), "question_type": row["question_type"]},
+                    info={"options": options if mc else None},
+                )
+            )
+        return samples
+
+    def score(self, sample: EvalSample, answer: str) -> Scored:
+        if not answer.strip():
+            return UNPARSED
+        options = sample.info.get("options")
+        if options:
+            letter = extract_choice(answer, letters_for(len(options)), options)
+            if letter is None:
+                return UNPARSED
+            gold = [str(g).strip() for g in parse_listish(sample.target)]  # a few rows accept several letters
+            return Scored(float(letter in gold), True, letter)
+        hit, keys = mmmu_open_match(answer, sample.target)
+        return Scored(float(hit), True, keys)
