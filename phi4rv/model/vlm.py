@@ -40,9 +40,11 @@ def attention_mask(
     key_valid: torch.Tensor,  # [B, S] bool: real (not padding) positions
     q_len: int,
     image_ids: torch.Tensor | None = None,  # [B, S] long: k>0 for positions of image k, else 0
+    segment_ids: torch.Tensor | None = None,  # [B, S] long: packed sample id per position
 ) -> torch.Tensor:
     """Causal mask [B, 1, q_len, S] for the last `q_len` positions, optionally bidirectional within images.
 
+    With `segment_ids` (packed rows) a position attends only within its own sample: block-causal.
     Every query may attend to itself, so padding rows never softmax over an empty set (NaN).
     """
     s = key_valid.shape[1]
@@ -52,8 +54,20 @@ def attention_mask(
     if image_ids is not None:
         q_img = image_ids[:, s - q_len :]
         allowed |= (q_img[:, :, None] == image_ids[:, None, :]) & (q_img[:, :, None] > 0) & key_valid[:, None, :]
+    if segment_ids is not None:
+        allowed &= segment_ids[:, s - q_len :, None] == segment_ids[:, None, :]
     allowed |= (k_pos[None, :] == q_pos[:, None])[None]
     return allowed[:, None]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, 2, ... restarting at each new segment id along a row (packed samples)."""
+    b, t = segment_ids.shape
+    idx = torch.arange(t, device=segment_ids.device).expand(b, -1)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=-1).values
+    return idx - start_idx
 
 
 def image_segment_ids(input_ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -120,20 +134,40 @@ class Phi4RV(nn.Module):
         padding_mask: torch.Tensor | None = None,  # [B, T] bool, True = real token
         positions: torch.Tensor | None = None,  # [B, T]
         labels: torch.Tensor | None = None,  # [B, T]; shifted inside, image positions ignored
+        segment_ids: torch.Tensor | None = None,  # [B, T] packed rows: sample id per position, 0 = padding
+        logits_at: torch.Tensor | None = None,  # [B, T] bool: only these positions' logits, as [N, V]
     ) -> torch.Tensor:
-        """Logits [B, T, V], or the mean next-token loss when `labels` are given."""
+        """Logits [B, T, V], or the mean next-token loss when `labels` are given.
+
+        With `segment_ids`, several samples share a row: attention is block-causal (no sample sees
+        another) and default positions restart at 0 for each sample. `logits_at` skips the LM head
+        where no loss is taken (image and prompt positions are most of a VLM's sequence).
+        """
+        if logits_at is not None and labels is not None:
+            raise ValueError("give labels (mean loss) or logits_at (selected logits), not both")
         grids = grids or []
         feats = self.encode_images(pixels, grids) if grids else None
         x = self.embed(input_ids, feats)
+        if segment_ids is not None:
+            valid = segment_ids > 0 if padding_mask is None else padding_mask & (segment_ids > 0)
+            if positions is None:
+                positions = segment_positions(segment_ids)
+        else:
+            valid = padding_mask
         if positions is None:
             positions = default_positions(padding_mask, input_ids)
         mask = None
         if self.cfg.image_bidirectional_attention and grids:
-            valid = padding_mask if padding_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            mask = attention_mask(valid, input_ids.shape[1], image_segment_ids(input_ids, [h * w for h, w in grids]))
+            valid = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            image_ids = image_segment_ids(input_ids, [h * w for h, w in grids])
+            mask = attention_mask(valid, input_ids.shape[1], image_ids, segment_ids)
+        elif segment_ids is not None:
+            mask = attention_mask(valid, input_ids.shape[1], segment_ids=segment_ids)
         elif padding_mask is not None and not bool(padding_mask.all()):
             mask = attention_mask(padding_mask, input_ids.shape[1])
         h = self.decoder(x, positions, mask)
+        if logits_at is not None:
+            h = h[logits_at]
         logits = self.decoder.lm_head(h)
         if labels is None:
             return logits

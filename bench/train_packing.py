@@ -1,0 +1,295 @@
+"""Training throughput: packed batches vs padded batches, same model, same data, one run.
+
+The data is a realistic mix, generated from the seed: 80% direct answers (5-60 tokens), 20%
+reasoning answers (150-500 tokens), 0-2 images per sample of random sizes from 64x64 to 1280x720
+(NaFlex, the release's 256..3600 patches), a ~110-token system prompt and a short question.
+
+Each side runs one pass over the same samples, a full training step per micro-batch (forward,
+loss, backward, AdamW):
+
+- packed (ours): several samples per row of `--max-len` tokens, block-causal attention (one dense
+  boolean mask per row), positions restarting per sample; all images packed into one vision sequence.
+- packed, per-sample attention: the same batches, with the decoder's attention run per sample
+  (one causal SDPA call per packed sample, as the vision encoder already does per image) instead
+  of over the whole row under a mask; what a varlen attention path in the decoder would give.
+- padded: `--padded-batch` samples per micro-batch, one per row, padded to the longest (the
+  LLaVA / HF Trainer collation that packing replaces); by default as many samples as packing puts
+  in a micro-batch on average, so both sides take the same number of steps. Images are packed for
+  the vision encoder on every side but the last.
+- padded, token budget: one sample per row, as many rows as fit `rows x longest <= batch_tokens`
+  (dynamic batch size, the same budget as packing): a stronger baseline than fixed batches.
+- padded + padded images: token-budget padding, and every image padded to max_num_patches in the
+  vision encoder as the release's code does (`--sides` to include it).
+
+The LM head runs only where a loss is taken (`logits_at`) on every side.
+
+tokens/s counts real tokens only (image positions included, padding excluded); warm-up
+micro-batches are run first and not timed. Each side runs in its own process so that peak
+memory is its own (CUDA: max allocated; CPU: how much the peak resident set grew while training,
+i.e. activations, gradients and optimizer state on top of interpreter + model + data).
+
+    python bench/train_packing.py                  # ~2-3 minutes on 2 CPU cores
+    python bench/train_packing.py --tiny           # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, machine, print_machine, print_table, setup, sync, write_json  # noqa: E402
+
+from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from phi4rv.data.dataset import Example  # noqa: E402
+from phi4rv.data.packing import collate, pack_plan, pad_plan  # noqa: E402
+from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV  # noqa: E402
+from phi4rv.processing.image import ImageProcessorConfig, naflex_size  # noqa: E402
+
+SIDES = ("packed", "packed, per-sample attention", "padded", "padded, token budget", "padded + padded images")
+DEFAULT_SIDES = SIDES[:4]
+TARGET = 2.0
+
+
+def model_config(args) -> Phi4RVConfig:
+    v = VisionConfig(hidden_size=args.vision_hidden, intermediate_size=2 * args.vision_hidden, num_attention_heads=4,
+                     num_hidden_layers=args.vision_layers)
+    d = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max(8192, args.max_len))
+    return Phi4RVConfig(vision=v, projector=ProjectorConfig(input_size=v.hidden_size, output_size=d.hidden_size), decoder=d,
+                        min_num_patches=args.min_patches, max_num_patches=args.max_patches)
+
+
+def make_data(args) -> list[Example]:
+    rng = random.Random(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    proc = ImageProcessorConfig(min_num_patches=args.min_patches, max_num_patches=args.max_patches)
+    max_w, max_h = (320, 240) if args.tiny else (1280, 720)
+    out = []
+    for i in range(args.samples):
+        n_img = rng.choices([0, 1, 2], weights=[15, 80, 5])[0]
+        grids = []
+        for _ in range(n_img):
+            H, W = naflex_size(rng.randint(64, max_h), rng.randint(64, max_w), proc)
+            grids.append((H // 16, W // 16))
+        think = rng.random() < 0.2
+        answer = rng.randint(150, 500) if think else rng.randint(5, 60)
+        prompt = (20 if args.tiny else 110) + rng.randint(8, 60)
+        ids = [rng.randrange(args.vocab) for _ in range(prompt)]
+        for h, w in grids:
+            ids += [IMAGE_TOKEN_ID] * (h * w)
+        n_prompt = len(ids)
+        ids += [rng.randrange(args.vocab) for _ in range(answer)]
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+        pixels = [torch.rand(h * w, 768, generator=g) * 2 - 1 for h, w in grids]
+        out.append(Example(str(i), ids, labels[1:] + [IGNORE_INDEX], grids, [], "think" if think else "nothink", pixels))
+    return out
+
+
+def padded_image_features(model: Phi4RV, pixels: torch.Tensor, grids, pad: int) -> torch.Tensor:
+    """The vision tower + projector run as the release runs them: each image padded to `pad` patches,
+    one batch, padding masked out as attention keys. Returns the real patches' features."""
+    vis = model.vision
+    lengths = [h * w for h, w in grids]
+    n, d = len(grids), vis.cfg.hidden_size
+    padded = pixels.new_zeros(n, pad, pixels.shape[1])
+    pos = pixels.new_zeros(n, pad, d)
+    mask = torch.zeros(n, pad, dtype=torch.bool, device=pixels.device)
+    table = vis.embeddings.positions(grids)
+    for k, (part, p) in enumerate(zip(pixels.split(lengths), table.split(lengths))):
+        padded[k, : len(part)], pos[k, : len(part)], mask[k, : len(part)] = part, p, True
+    x = vis.embeddings.patch_embedding(padded) + pos
+    heads = vis.cfg.num_attention_heads
+    for layer in vis.encoder.layers[:-1]:
+        h = layer.layer_norm1(x)
+        a = layer.self_attn
+        q, k, v = (proj(h).view(n, pad, heads, d // heads).transpose(1, 2) for proj in (a.q_proj, a.k_proj, a.v_proj))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + a.out_proj(o.transpose(1, 2).reshape(n, pad, d))
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return model.projector(x[mask])
+
+
+def per_sample_attention(model: Phi4RV, lengths: list[list[int]]) -> None:
+    """Replace each decoder layer's attention with one causal SDPA call per packed sample; `lengths`
+    (per row: sample lengths, then the row's padding) is filled in before each step."""
+    for layer in model.decoder.layers:
+        attn = layer.self_attn
+
+        def forward(x, cos, sin, mask, cache, attn=attn):
+            from phi4rv.model.decoder import apply_rope
+
+            b, t, _ = x.shape  # as phi4rv.model.decoder.Attention, up to the attention call
+            qk, v = attn.qkv_proj(x).split([(attn.h + attn.kvh) * attn.hd, attn.kvh * attn.hd], dim=-1)
+            qk = apply_rope(qk.view(b, t, attn.h + attn.kvh, attn.hd).transpose(1, 2), cos, sin)
+            q, k = qk.split([attn.h, attn.kvh], dim=1)
+            v = v.view(b, t, attn.kvh, attn.hd).transpose(1, 2)
+            rows = []
+            for r in range(b):
+                parts = zip(q[r : r + 1].split(lengths[r], 2), k[r : r + 1].split(lengths[r], 2), v[r : r + 1].split(lengths[r], 2))
+                rows.append(torch.cat([F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=attn.kvh != attn.h)
+                                       for qi, ki, vi in parts], dim=2))
+            return attn.o_proj(torch.cat(rows).transpose(1, 2).reshape(b, t, attn.h * attn.hd))
+
+        attn.forward = forward
+
+
+def segment_lengths(batch) -> list[list[int]]:
+    out = []
+    for row in batch.segment_ids:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        out.append(counts.tolist())
+    return out
+
+
+def measure(side: str, args, queue) -> None:
+    """One side in its own process: plan, warm up, then time a training step per micro-batch."""
+    device, dtype = setup(args)
+    torch.manual_seed(args.seed)
+    model = Phi4RV(model_config(args))
+    model.init_weights()
+    model.to(device)
+    if side == "padded + padded images":
+        model.encode_images = lambda pixels, grids: padded_image_features(model, pixels, grids, args.max_patches)
+    seg_lengths: list[list[int]] = []
+    if side == "packed, per-sample attention":
+        per_sample_attention(model, seg_lengths)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    data = make_data(args)
+    plan = make_plan(side, [len(e) for e in data], args)
+    batches = [collate([[data[i] for i in row] for row in mb]) for mb in plan]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+
+    def step(b) -> None:
+        seg_lengths[:] = segment_lengths(b)
+        b = b.to(device)
+        scored = b.targets != IGNORE_INDEX
+        with autocast:
+            logits = model(**b.model_inputs(), logits_at=scored)  # the LM head only where a loss is taken
+        loss = F.cross_entropy(logits.float(), b.targets[scored])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB: interpreter, model, data
+    warm = []
+    for b in batches[: args.warmup]:
+        t0 = time.perf_counter()
+        step(b)
+        sync(device)
+        warm.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed = batches[args.warmup :]
+    sync(device)
+    t0 = time.perf_counter()
+    for b in timed:
+        step(b)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    real = sum(b.num_tokens for b in timed)
+    slots = sum(b.input_ids.numel() for b in timed)
+    image_slots = sum(len(b.grids) * args.max_patches if side == "padded + padded images" else b.num_tokens - int(((b.input_ids != IMAGE_TOKEN_ID) & (b.segment_ids > 0)).sum()) for b in timed)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # what training added to the peak resident set, beyond interpreter + model + data
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
+    queue.put({
+        "side": side, "micro_batches": len(batches), "timed_micro_batches": len(timed), "rows": sum(b.input_ids.shape[0] for b in timed),
+        "real_tokens": real, "token_slots": slots, "fill": real / slots, "image_patch_slots": image_slots,
+        "seconds": seconds, "tokens_per_s": real / seconds, "warmup_s": warm, "peak_mem_mib": peak,
+        "peak_mem_kind": "cuda max allocated" if device.type == "cuda" else "peak RSS growth while training",
+    })
+
+
+def make_plan(side: str, lengths: list[int], args):
+    if side.startswith("packed"):
+        return pack_plan(lengths, args.max_len, args.batch_tokens)
+    if side == "padded":
+        return [[[i] for i in range(s, min(s + args.padded_batch, len(lengths)))] for s in range(0, len(lengths), args.padded_batch)]
+    return pad_plan(lengths, args.batch_tokens)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=4608, help="row length when packing (longest sample)")
+    p.add_argument("--batch-tokens", type=int, default=9216, help="token budget per micro-batch (packed and token-budget sides)")
+    p.add_argument("--hidden", type=int, default=256, help="decoder width")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--vision-hidden", type=int, default=64)
+    p.add_argument("--vision-layers", type=int, default=3, help="the last one is unused, as in the release")
+    p.add_argument("--min-patches", type=int, default=256)
+    p.add_argument("--max-patches", type=int, default=3600)
+    p.add_argument("--padded-batch", type=int, default=None,
+                   help="samples per micro-batch of the padded side (default: packing's average)")
+    p.add_argument("--sides", default=";".join(DEFAULT_SIDES), help="';'-separated subset of: " + "; ".join(SIDES))
+    add_common_args(p, repeats=1, warmup=1)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.samples, args.max_len, args.batch_tokens = 16, 1024, 2048
+        args.hidden, args.layers, args.vocab, args.vision_hidden, args.vision_layers = 32, 2, 512, 32, 2
+        args.min_patches, args.max_patches = 16, 256
+    sides = [s.strip() for s in args.sides.split(";")]
+    if any(s not in SIDES for s in sides):
+        p.error(f"--sides: choose from {', '.join(SIDES)}")
+    device, dtype = setup(args)
+
+    data = make_data(args)
+    lengths = [len(e) for e in data]
+    if max(lengths) > args.max_len:
+        p.error(f"the longest sample has {max(lengths)} tokens > --max-len {args.max_len}")
+    n_images = sum(len(e.grids) for e in data)
+    if args.padded_batch is None:
+        args.padded_batch = max(1, round(len(data) / len(pack_plan(lengths, args.max_len, args.batch_tokens))))
+
+    ctx = mp.get_context("spawn")
+    results = {}
+    for side in sides:
+        q = ctx.Queue()
+        proc = ctx.Process(target=measure, args=(side, args, q))
+        proc.start()
+        results[side] = q.get()
+        proc.join()
+
+    info = machine(device, dtype)
+    print_machine(info)
+    cfg = model_config(args)
+    print(f"model: decoder {cfg.decoder.num_hidden_layers} x {cfg.decoder.hidden_size} (vocab {cfg.decoder.vocab_size}), "
+          f"vision {cfg.vision.num_hidden_layers} x {cfg.vision.hidden_size}; all parameters train (AdamW)")
+    print(f"data: {len(data)} samples, {sum(lengths)} tokens ({min(lengths)}..{max(lengths)} per sample), {n_images} images "
+          f"({args.min_patches}..{args.max_patches} patches each); micro-batch budget {args.batch_tokens} tokens, rows of "
+          f"{args.max_len} when packed, {args.padded_batch} samples per padded micro-batch; {args.warmup} warm-up "
+          f"micro-batch(es) per side not timed\n")
+    rows = []
+    for side, r in results.items():
+        rows.append([side, r["micro_batches"], r["rows"], r["real_tokens"], r["token_slots"], f"{100 * r['fill']:.0f}%",
+                     r["seconds"], r["tokens_per_s"], r["peak_mem_mib"]])
+    print_table(["side", "micro-batches", "rows (timed)", "real tokens", "slots", "fill", "seconds", "tokens/s",
+                 f"peak MiB ({results[sides[0]]['peak_mem_kind']})"], rows)
+    figures = {"benchmark": "train_packing", "machine": info, "config": {k: v for k, v in vars(args).items() if k != "json"},
+               "results": results, "target_ratio": TARGET}
+    print()
+    for ours in [s for s in sides if s.startswith("packed")]:
+        for side in [s for s in sides if s.startswith("padded")]:
+            ratio = results[ours]["tokens_per_s"] / results[side]["tokens_per_s"]
+            figures.setdefault("ratios", {})[f"{ours} vs {side}"] = ratio
+            mem = results[ours]["peak_mem_mib"] / max(results[side]["peak_mem_mib"], 1e-9)
+            print(f"{ours} vs {side}: {ratio:.2f}x tokens/s, {mem:.2f}x peak memory"
+                  + (f"  (target >= {TARGET:g}x: {'met' if ratio >= TARGET else 'missed'})" if (ours, side) == ("packed", "padded") else ""))
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

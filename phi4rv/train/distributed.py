@@ -1,0 +1,145 @@
+"""One process or many: process group setup, FSDP2 sharding, collectives and full state dicts.
+
+Under `torchrun` (RANK / WORLD_SIZE set) the model is sharded with FSDP2 `fully_shard`: each
+decoder layer and each vision layer is its own unit, the rest (embeddings, LM head, projector)
+belongs to the root. gloo on CPU, NCCL on GPU (one GPU per process, `LOCAL_RANK`). The optimizer
+state is sharded along with the parameters (ZeRO-3; the paper used ZeRO-1).
+
+Multi-node: run the same command on every node with a shared rendezvous, e.g.
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        -m phi4rv train CONFIG
+`run_dir` must be on a filesystem all nodes share (checkpoints are written by rank 0, RNG states
+by every rank).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over processes (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank, dev)
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, d: Dist, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2: one unit per transformer layer (vision and decoder), the root holds the rest.
+
+    With `param_dtype` (bf16 training) parameters are all-gathered and used in that dtype while the
+    sharded masters, gradients' reduction and the optimizer stay in float32; this also lets frozen
+    low-precision weights share a unit with float32 trainable ones (LoRA on a bf16 base).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in model.vision.encoder.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    for layer in model.decoder.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def set_gradient_sync(model: nn.Module, sync: bool) -> None:
+    """Skip the reduce-scatter on all but the last micro-batch of a step (gradient accumulation)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+
+
+def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """The whole, unsharded state dict on CPU: on rank 0 (empty elsewhere). Collective."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
+    """Optimizer state keyed by parameter name, unsharded, on rank 0. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
+    )
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full, name-keyed optimizer state (every rank passes the whole state)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:
+    """Total gradient norm over every trainable parameter (all shards), clipped to `max_norm`."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=False)
+    if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)

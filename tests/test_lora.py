@@ -1,0 +1,128 @@
+"""LoRA: merged = unmerged outputs, release-format export, adapter-only training with exact resume."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi4rv.checkpoint import load_model, save_checkpoint
+from phi4rv.config import preset
+from phi4rv.lora import LoRALinear, apply_lora, export_merged, merge_lora
+from phi4rv.model import IMAGE_TOKEN_ID, Phi4RV, expand_image_tokens
+from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.train import loop
+from phi4rv.train.config import load_config
+from phi4rv.train.metrics import read_metrics
+from phi4rv.train.toy import TINY_OVERRIDES, build_byte_tokenizer, toy_config, write_toy
+
+
+def tiny(vocab=352) -> Phi4RV:
+    cfg = loop._override(preset("tiny"), TINY_OVERRIDES)
+    cfg.decoder.vocab_size = vocab
+    torch.manual_seed(0)
+    m = Phi4RV(cfg)
+    m.init_weights(std=0.1)
+    return m.eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    grids = [(2, 3), (4, 4)]
+    ids = expand_image_tokens([5, IMAGE_TOKEN_ID, 7, 8, IMAGE_TOKEN_ID, 9, 10], grids)
+    pixels = torch.rand(sum(h * w for h, w in grids), 768, generator=g) * 2 - 1
+    return dict(input_ids=torch.tensor([ids]), pixels=pixels, grids=grids)
+
+
+def randomise_adapters(model):
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def test_fresh_adapters_change_nothing_and_names_are_kept():
+    model = tiny()
+    before = model(**inputs())
+    names = set(model.state_dict())
+    adapted = apply_lora(model, rank=4, alpha=8, vision_targets=("q_proj", "fc1"))
+    assert "decoder.layers.0.self_attn.qkv_proj" in adapted and "vision.encoder.layers.0.mlp.fc1" in adapted
+    assert not any(n.startswith("vision.encoder.layers.1.") for n in adapted)  # the unused last layer
+    assert torch.equal(model(**inputs()), before)  # B starts at zero
+    assert {n for n in model.state_dict() if "lora_" not in n} == names
+
+
+def test_merged_outputs_equal_unmerged():
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8, vision_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"))
+    randomise_adapters(model)
+    base = tiny()(**inputs())
+    with torch.no_grad():
+        unmerged = model(**inputs())
+        assert (unmerged - base).abs().max() > 1e-3  # the adapters matter
+        merge_lora(model)
+        merged = model(**inputs())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert (merged - unmerged).abs().max() < 1e-5
+
+
+def test_export_merged_is_a_release_checkpoint(tmp_path):
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8)
+    randomise_adapters(model)
+    with torch.no_grad():
+        expected = model(**inputs())
+    export_merged(model, tmp_path / "merged")
+    assert any(isinstance(m, LoRALinear) for m in model.modules())  # the training model is untouched
+    loaded = load_model(tmp_path / "merged")  # strict: no lora keys, nothing missing
+    with torch.no_grad():
+        assert (loaded(**inputs()) - expected).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    toy = write_toy(root / "toy", n_train=96, n_test=8)
+    tok = Tokenizer.from_dir(build_byte_tokenizer(root / "tok"))
+    base = save_checkpoint(tiny(), root / "base", tokenizer=tok)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield root, toy, base
+    torch.set_num_threads(threads)
+
+
+def lora_cfg(run_dir: Path, toy: Path, base: Path) -> dict:
+    cfg = toy_config(run_dir, toy, steps=8, train={"lora": 5e-3, "projector": 1e-3})
+    cfg["model"] = {"checkpoint": str(base)}
+    cfg["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.1}  # dropout: resume must restore the RNG
+    cfg["checkpoint"] = {"every": 4}
+    return cfg
+
+
+def test_lora_stage_trains_adapters_only_and_resumes_exactly(lora_setup, tmp_path, monkeypatch):
+    root, toy, base = lora_setup
+    ref = loop.run(load_config(None, base=lora_cfg(tmp_path / "ref", toy, base)))["toy"]
+    b, f = load_model(base).state_dict(), load_model(ref).state_dict()
+    changed = {k for k in b if not torch.equal(b[k], f[k])}
+    assert changed and all(k.startswith("projector.") or k.endswith(("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight")) for k in changed)
+    assert any(k.startswith("decoder.layers.") for k in changed)  # merged adapters
+
+    calls = {"n": 0}
+    real = loop.clip_grad_norm
+
+    def crash_at_step_6(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+        return real(*a, **kw)
+
+    cfg = load_config(None, base=lora_cfg(tmp_path / "run", toy, base))
+    monkeypatch.setattr(loop, "clip_grad_norm", crash_at_step_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        loop.run(cfg)
+    monkeypatch.undo()
+    resumed = loop.run(cfg, resume=True)["toy"]
+    trace = lambda p: [(r["step"], r["train/loss"]) for r in read_metrics(p.parent / "metrics.jsonl") if "train/loss" in r]  # noqa: E731
+    assert trace(resumed) == trace(ref) and len(trace(ref)) == 8
+    r, f = load_model(resumed).state_dict(), load_model(ref).state_dict()
+    assert all(torch.equal(r[k], f[k]) for k in f)
