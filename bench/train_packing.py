@@ -7,11 +7,9 @@ reasoning answers (150-500 tokens), 0-2 images per sample of random sizes from 6
 Each side runs one pass over the same samples, a full training step per micro-batch (forward,
 loss, backward, AdamW):
 
-- packed (ours): several samples per row of `--max-len` tokens, block-causal attention (one dense
-  boolean mask per row), positions restarting per sample; all images packed into one vision sequence.
-- packed, per-sample attention: the same batches, with the decoder's attention run per sample
-  (one causal SDPA call per packed sample, as the vision encoder already does per image) instead
-  of over the whole row under a mask; what a varlen attention path in the decoder would give.
+- packed (ours): several samples per row of `--max-len` tokens, block-causal attention (one causal
+  attention call per packed sample, no [T, T] mask), positions restarting per sample; all images
+  packed into one vision sequence.
 - padded: `--padded-batch` samples per micro-batch, one per row, padded to the longest (the
   LLaVA / HF Trainer collation that packing replaces); by default as many samples as packing puts
   in a micro-batch on average, so both sides take the same number of steps. Images are packed for
@@ -54,7 +52,7 @@ from phi4rv.data.packing import collate, pack_plan, pad_plan  # noqa: E402
 from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV  # noqa: E402
 from phi4rv.processing.image import ImageProcessorConfig, naflex_size  # noqa: E402
 
-SIDES = ("packed", "packed, per-sample attention", "padded", "padded, token budget", "padded + padded images")
+SIDES = ("packed", "padded", "padded, token budget", "padded + padded images")
 DEFAULT_SIDES = SIDES[:4]
 TARGET = 2.0
 
@@ -119,38 +117,6 @@ def padded_image_features(model: Phi4RV, pixels: torch.Tensor, grids, pad: int) 
     return model.projector(x[mask])
 
 
-def per_sample_attention(model: Phi4RV, lengths: list[list[int]]) -> None:
-    """Replace each decoder layer's attention with one causal SDPA call per packed sample; `lengths`
-    (per row: sample lengths, then the row's padding) is filled in before each step."""
-    for layer in model.decoder.layers:
-        attn = layer.self_attn
-
-        def forward(x, cos, sin, mask, cache, attn=attn):
-            from phi4rv.model.decoder import apply_rope
-
-            b, t, _ = x.shape  # as phi4rv.model.decoder.Attention, up to the attention call
-            qk, v = attn.qkv_proj(x).split([(attn.h + attn.kvh) * attn.hd, attn.kvh * attn.hd], dim=-1)
-            qk = apply_rope(qk.view(b, t, attn.h + attn.kvh, attn.hd).transpose(1, 2), cos, sin)
-            q, k = qk.split([attn.h, attn.kvh], dim=1)
-            v = v.view(b, t, attn.kvh, attn.hd).transpose(1, 2)
-            rows = []
-            for r in range(b):
-                parts = zip(q[r : r + 1].split(lengths[r], 2), k[r : r + 1].split(lengths[r], 2), v[r : r + 1].split(lengths[r], 2))
-                rows.append(torch.cat([F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=attn.kvh != attn.h)
-                                       for qi, ki, vi in parts], dim=2))
-            return attn.o_proj(torch.cat(rows).transpose(1, 2).reshape(b, t, attn.h * attn.hd))
-
-        attn.forward = forward
-
-
-def segment_lengths(batch) -> list[list[int]]:
-    out = []
-    for row in batch.segment_ids:
-        ids, counts = torch.unique_consecutive(row, return_counts=True)
-        out.append(counts.tolist())
-    return out
-
-
 def measure(side: str, args, queue) -> None:
     """One side in its own process: plan, warm up, then time a training step per micro-batch."""
     device, dtype = setup(args)
@@ -160,9 +126,6 @@ def measure(side: str, args, queue) -> None:
     model.to(device)
     if side == "padded + padded images":
         model.encode_images = lambda pixels, grids: padded_image_features(model, pixels, grids, args.max_patches)
-    seg_lengths: list[list[int]] = []
-    if side == "packed, per-sample attention":
-        per_sample_attention(model, seg_lengths)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     data = make_data(args)
     plan = make_plan(side, [len(e) for e in data], args)
@@ -170,7 +133,6 @@ def measure(side: str, args, queue) -> None:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
 
     def step(b) -> None:
-        seg_lengths[:] = segment_lengths(b)
         b = b.to(device)
         scored = b.targets != IGNORE_INDEX
         with autocast:

@@ -41,10 +41,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: [B, H, T, hd]; cos/sin: [B, T, r] rotate the first r dims, pass the rest through
     r = cos.shape[-1]
     cos, sin = cos[:, None], sin[:, None]
-    rot, rest = x[..., :r], x[..., r:]
+    rot = x if r == x.shape[-1] else x[..., :r]
     x1, x2 = rot.chunk(2, dim=-1)
     rotated = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, rest), dim=-1)
+    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
 class KVCache:
@@ -86,18 +86,26 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.hd, bias=False)
         self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, segments: list[list[int]] | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.h * self.hd, self.kvh * self.hd, self.kvh * self.hd], dim=-1)
-        q = q.view(b, t, self.h, self.hd).transpose(1, 2)
-        k = k.view(b, t, self.kvh, self.hd).transpose(1, 2)
+        # q and k heads side by side: one RoPE call rotates both (fewer small ops per decode step)
+        qk, v = self.qkv_proj(x).split([(self.h + self.kvh) * self.hd, self.kvh * self.hd], dim=-1)
+        qk = apply_rope(qk.view(b, t, self.h + self.kvh, self.hd).transpose(1, 2), cos, sin)
+        q, k = qk.split([self.h, self.kvh], dim=1)
         v = v.view(b, t, self.kvh, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.kvh != self.h
-        )
+        if segments is not None:  # packed rows: causal within each sample, one SDPA call per sample
+            gqa = self.kvh != self.h
+            out = torch.cat([
+                torch.cat([F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+                           for qs, ks, vs in zip(q[r : r + 1].split(n, 2), k[r : r + 1].split(n, 2), v[r : r + 1].split(n, 2))], dim=2)
+                for r, n in enumerate(segments)
+            ])
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.kvh != self.h
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.h * self.hd))
 
 
@@ -120,8 +128,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, segments=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, segments)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -141,15 +149,16 @@ class Decoder(nn.Module):
         positions: torch.Tensor,  # [B, T]
         mask: torch.Tensor | None = None,  # [B, 1, T, S] bool, S = cached + T
         cache: KVCache | None = None,
+        segments: list[list[int]] | None = None,  # packed rows: each row's sample lengths (sum T), instead of a mask
     ) -> torch.Tensor:
         """Returns the final hidden states [B, T, D] (apply `lm_head` to the positions you need)."""
         cos, sin = rope_tables(self.cfg, positions, embeds.dtype)
         x = embeds
         for layer in self.layers:
             if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, segments, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, segments)
         if cache is not None:
             cache.advance(embeds.shape[1])
         return self.norm(x)

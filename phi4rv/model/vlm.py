@@ -156,16 +156,19 @@ class Phi4RV(nn.Module):
             valid = padding_mask
         if positions is None:
             positions = default_positions(padding_mask, input_ids)
-        mask = None
+        mask = segments = None
         if self.cfg.image_bidirectional_attention and grids:
             valid = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
             image_ids = image_segment_ids(input_ids, [h * w for h, w in grids])
             mask = attention_mask(valid, input_ids.shape[1], image_ids, segment_ids)
+        elif segment_ids is not None and padding_mask is None:
+            # no [T, T] mask: attention runs per sample (trailing padding is a segment of its own)
+            segments = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in segment_ids]
         elif segment_ids is not None:
             mask = attention_mask(valid, input_ids.shape[1], segment_ids=segment_ids)
         elif padding_mask is not None and not bool(padding_mask.all()):
             mask = attention_mask(padding_mask, input_ids.shape[1])
-        h = self.decoder(x, positions, mask)
+        h = self.decoder(x, positions, mask, segments=segments)
         if logits_at is not None:
             h = h[logits_at]
         logits = self.decoder.lm_head(h)
