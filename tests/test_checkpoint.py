@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Phi3ForCausalLM, Siglip2VisionConfig, Siglip2VisionModel
+from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
 from hf_reference import hf_phi3, hf_siglip2
 from phi4rv.checkpoint import VISION_PREFIX, CheckpointError, load_model, save_checkpoint

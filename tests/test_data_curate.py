@@ -47,7 +47,6 @@ def planted(good):
     """Defective samples; each built on a fresh scene so that a repaired one is no duplicate."""
     chart, ui, click, order = fresh("chart_value", 0), fresh("ui_ground", 1), fresh("ui_click_effect", 2), fresh("multi_order", 3)
     v = int(chart.meta["answer"])
-    W, H = ui.meta["scene"]["width"], ui.meta["scene"]["height"]
     x1, y1, x2, y2 = next(e["box"] for e in ui.meta["scene"]["elements"] if f"Where is {e['name']}?" in ui.messages[0]["content"])
     q = {"role": "user", "content": "<image>\nWhat colour is this?"}
     jpeg = io.BytesIO()

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from phi4rv.processing.tokenizer import StreamDecoder, Tokenizer, build_phi4_tokenizer
+from phi4rv.processing.tokenizer import StreamDecoder, Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

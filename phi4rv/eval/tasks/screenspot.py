@@ -23,7 +23,7 @@ from pathlib import Path
 
 from phi4rv.eval.extract import COORDS, extract_click
 from phi4rv.eval.scoring import UNPARSED, Scored, point_in_box
-from phi4rv.eval.tasks.base import EvalError, EvalSample, Task, image_size, mean_pct, user, with_image
+from phi4rv.eval.tasks.base import EvalError, EvalSample, Task, image_size, user, with_image
 
 PLATFORMS = ("desktop", "mobile", "web")
 IMAGE_FOLDERS = ("screenspotv2_image", "images", ".")
