@@ -44,20 +44,22 @@ class FakeTeacher:
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
                     action = outer.script(question, n)
-                    if action[0] == "status":
-                        self._send(action[1], {"error": {"message": "boom"}})
-                        return
                     if action[0] == "sleep":
                         time.sleep(action[1])
                         action = ("answer", action[2])
-                    message = {"role": "assistant", "content": action[-1]}
-                    if action[0] == "reasoning":
-                        message["reasoning_content"] = action[1]
-                    self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                                     "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
                 finally:
+                    # answered from here on: the client may send its next request as soon as it reads
+                    # the response, possibly before this thread runs again
                     with outer.lock:
                         outer.in_flight -= 1
+                if action[0] == "status":
+                    self._send(action[1], {"error": {"message": "boom"}})
+                    return
+                message = {"role": "assistant", "content": action[-1]}
+                if action[0] == "reasoning":
+                    message["reasoning_content"] = action[1]
+                self._send(200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}})
 
             def _send(self, code, obj):
                 data = json.dumps(obj).encode()
