@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 SIZES = [None, (64, 64), (800, 600), (1024, 680), (1280, 720)]  # None = text only
 
@@ -39,10 +39,19 @@ def free_port() -> int:
 
 
 def image_uri(size: tuple[int, int], seed: int) -> str:
+    """A screen/chart-like image: a smooth gradient with flat boxes (pure noise would make JPEG
+    decoding, not the server, the thing measured)."""
     rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    w, h = size
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3))
+    img = Image.fromarray(np.broadcast_to(ramp, (h, w, 3)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.rectangle([x, y, x + int(rng.integers(4, w // 3 + 5)), y + int(rng.integers(4, h // 3 + 5))],
+                       fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=80)
+    img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
