@@ -76,7 +76,7 @@ def cmd_info(args: argparse.Namespace) -> None:
           f"{dc.num_key_value_heads} kv heads of {dc.head_dim}, rope theta {dc.rope_theta:g} "
           f"(rotary {dc.rotary_dim}/{dc.head_dim}), vocab {dc.vocab_size}")
     for name, n in counts.items():
-        print(f"  {name:<20} {n:>16,}  ({n / 1e9:.3f}B)")
+        print(f"  {name:<20} {n:>16,}  ({n / 1e9:.3f}B)" if n >= 1e8 else f"  {name:<20} {n:>16,}  ({n / 1e6:.2f}M)")
 
 
 def _messages(prompt: str, n_images: int) -> list[dict]:
