@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     from phi4rv.train.cli import register as _reg_train; _reg_train(sub)  # noqa: E702
     from phi4rv.eval.cli import register as _reg_eval; _reg_eval(sub)  # noqa: E702
     from phi4rv.data.cli import register as _reg_data; _reg_data(sub)  # noqa: E702
+    from phi4rv.recipe.cli import register as _reg_recipe; _reg_recipe(sub)  # noqa: E702
     return p
 
 

@@ -23,10 +23,11 @@ import io
 import json
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from phi4rv.data.formats import Sample, write_jsonl
@@ -34,10 +35,17 @@ from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
 from phi4rv.processing.tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE, bytes_to_unicode, phi4_special_tokens
 
 TOY_SYSTEM = "Answer briefly. Reason in <think></think> first when needed."
-TOY_TEMPLATE = re.sub(
-    r'\{%- set system = ".*?" -%\}', '{%- set system = "' + TOY_SYSTEM + '" -%}', DEFAULT_CHAT_TEMPLATE, count=1, flags=re.S
-)
-assert TOY_SYSTEM in TOY_TEMPLATE
+
+
+def template_with_system(system: str) -> str:
+    """Our chat template with its fixed system prompt replaced (tiny models: fewer tokens)."""
+    out = re.sub(r'\{%- set system = ".*?" -%\}', lambda _: '{%- set system = "' + system + '" -%}',
+                 DEFAULT_CHAT_TEMPLATE, count=1, flags=re.S)
+    assert system in out
+    return out
+
+
+TOY_TEMPLATE = template_with_system(TOY_SYSTEM)
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -49,11 +57,23 @@ COLOURS = {
 }
 
 
-def build_byte_tokenizer(out_dir: str | Path, chat_template: str = TOY_TEMPLATE) -> Path:
-    """Write tokenizer.json / tokenizer_config.json / chat_template.jinja: bytes + Phi-4 specials."""
+def build_byte_tokenizer(out_dir: str | Path, chat_template: str = TOY_TEMPLATE, corpus: Iterable[str] | None = None,
+                         vocab_size: int = 512) -> Path:
+    """Write tokenizer.json / tokenizer_config.json / chat_template.jinja: bytes + Phi-4 specials.
+
+    With `corpus`, byte-level BPE merges are learned from it up to `vocab_size` (GPT-style splits,
+    so small numbers and frequent words become single tokens, as in Phi-4's own tokenizer);
+    the special tokens come after the learned vocabulary."""
     b2u = bytes_to_unicode()
-    tok = _HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    if corpus is None:
+        tok = _HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[], fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    else:
+        tok = _HFTokenizer(models.BPE(fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in phi4_special_tokens()])
     out = Path(out_dir)

@@ -34,7 +34,7 @@ comma-separated image numbers or letters ("2, 3, 1"). Difficulty presets: "tiny"
 
 from __future__ import annotations
 
-from phi4rv.data.synth import captions, charts, geometry, multi, tables, ui
+from phi4rv.data.synth import captions, cards, charts, geometry, multi, tables, ui
 from phi4rv.data.synth.common import DIFFICULTIES, Difficulty, Drawn, Generator, get_difficulty, with_knobs
 
 _TASKS = [
@@ -56,6 +56,11 @@ _TASKS = [
     ("multi_diff", multi, "perception", "what changed between two images (multiple choice)"),
     ("multi_order", multi, "reasoning", "order scrambled frames of a process"),
     ("multi_match", multi, "perception", "match images to captions"),
+    ("card_digit", cards, "perception", "the digit on the card of a named colour"),
+    ("card_color", cards, "perception", "the colour of the card with a given digit"),
+    ("card_count", cards, "perception", "how many cards"),
+    ("card_sum", cards, "reasoning", "sum of the digits on all cards"),
+    ("card_product", cards, "reasoning", "product of the digits on two named cards"),
 ]
 
 GENERATORS: dict[str, Generator] = {

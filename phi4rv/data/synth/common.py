@@ -28,6 +28,7 @@ class Difficulty:
     max_value: int = 100  # largest number drawn in charts and tables
     value_labels: float = 0.5  # chance that a chart prints its values (else read them off the axis)
     decimals: float = 0.0  # chance that prices/values carry two decimals
+    grid: int = 0  # cards: snap sizes and places to multiples of this many pixels (0 = anywhere)
 
     def pick(self, rng: random.Random, knob: str) -> int:
         lo, hi = getattr(self, knob)

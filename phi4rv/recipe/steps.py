@@ -1,0 +1,207 @@
+"""The recipe's steps; each takes the `Runner` and returns its JSON summary."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from phi4rv.data.formats import Sample, read_samples, write_parquet
+from phi4rv.processing.chat import MODES
+from phi4rv.recipe import data as world
+from phi4rv.recipe.run import Runner, remove, stage, train_config
+
+
+def _parquet(samples: list[Sample], path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(samples, path)
+    return len(samples)
+
+
+def make_tokenizer(r: Runner) -> dict[str, Any]:
+    """Byte-level BPE learned from the recipe's own text, Phi-4's special tokens after it."""
+    from phi4rv.processing.tokenizer import Tokenizer
+    from phi4rv.train.toy import build_byte_tokenizer, template_with_system
+
+    p, d = r.p, r.p.difficulty()
+    samples = (world.reasoning_text(2000, r.seed + 101) + world.task_samples(world.TASKS, 100, r.seed + 102, d)
+               + world.alignment_samples(300, r.seed + 103, d) + world.stage3_samples(300, r.seed + 104, d))
+    corpus = [m["content"] for s in samples for m in s.messages] + ["system user assistant " + p.system_prompt] * 50
+    build_byte_tokenizer(r.tokenizer, template_with_system(p.system_prompt), corpus, p.vocab_size)
+    return {"vocab_size": Tokenizer.from_dir(r.tokenizer).vocab_size}
+
+
+def make_data(r: Runner, defects: float = 0.0, curate_data: bool = True) -> dict[str, Any]:
+    """synth -> (planted defects) -> curate -> 20/80 mixture with a held-out split; plus the
+    stage-0 text, stage-1 captions and stage-3 samples."""
+    from phi4rv.data.curate import CurateConfig, curate
+    from phi4rv.data.mix import MixConfig, write_mixture
+    from phi4rv.data.synth.writer import write_synthetic
+
+    p, d, seed = r.p, r.p.difficulty(), r.seed
+    synth = r.data("synth")
+    n = write_synthetic(list(world.PERCEPTION), p.per_perception_task, seed, d, synth / "perception")["samples"]
+    n += write_synthetic(list(world.REASONING), p.per_reasoning_task, seed, d, synth / "reasoning")["samples"]
+    sources = [synth / "perception", synth / "reasoning"]
+    if defects:
+        rng = random.Random(seed + 7)
+        for src in sources:
+            samples = [world.plant_defect(s, rng) if rng.random() < defects else s for s in read_samples(src)]
+            _parquet(samples, src.with_name(src.name + "_defects") / "shard-00000.parquet")
+        sources = [src.with_name(src.name + "_defects") for src in sources]
+    kept = n
+    if curate_data:
+        report = curate(sources, CurateConfig(seed=seed), r.data("clean"))
+        sources, kept = [r.data("clean")], report["kept"]
+    manifest = write_mixture(MixConfig(datasets=[(str(s), 1.0) for s in sources], think_ratio=p.think_ratio,
+                                       heldout=p.heldout, seed=seed, tokenizer=str(r.tokenizer)), r.data("mix"))
+    splits = manifest["splits"]
+    _parquet(world.reasoning_text(p.text_samples, seed + 1), r.data("text") / "shard-00000.parquet")
+    _parquet(world.reasoning_text(200, seed + 2), r.data("text_heldout") / "shard-00000.parquet")
+    _parquet(world.alignment_samples(p.align_samples, seed + 3, d), r.data("align") / "shard-00000.parquet")
+    _parquet(world.stage3_samples(p.stage3_samples, seed + 4, d), r.data("stage3") / "shard-00000.parquet")
+    return {"synth": n, "kept": kept, "train": splits["train"]["samples"], "heldout": splits["heldout"]["samples"],
+            "think_ratio": splits["train"]["think_ratio"], "text": p.text_samples, "align": p.align_samples,
+            "stage3": p.stage3_samples}
+
+
+def _answer_accuracy(model_dir: Path, samples: list[Sample], mode: str, max_new_tokens: int, batch: int) -> float:
+    from phi4rv.chat_model import ChatModel, Conversation
+    from phi4rv.generation.sampling import SamplingParams
+
+    cm = ChatModel.load(model_dir)
+    params = cm.params(max_new_tokens=max_new_tokens, sampling=SamplingParams(temperature=0))
+    right = 0
+    for k in range(0, len(samples), batch):
+        chunk = samples[k : k + batch]
+        results = cm.chat_batch([Conversation(s.messages[:-1], list(s.images), mode) for s in chunk], params)
+        right += sum(res.answer.strip() == s.meta["answer"] for res, s in zip(results, chunk))
+    return right / max(1, len(samples))
+
+
+def pretrain_decoder(r: Runner) -> dict[str, Any]:
+    """Stage 0: a tiny reasoning decoder, next-token training on worked reasoning in text."""
+    from phi4rv.train import train
+
+    p = r.p
+    model = {"preset": "tiny", "tokenizer": str(r.tokenizer), "overrides": dict(p.model)}
+    stages = {"reasoning": stage({"decoder": p.text_lr}, [(r.data("text"), 1.0)], p, p.text_epochs, warmup_steps=30)}
+    finals = train(train_config(r.out / "stage0_decoder", model, stages, r.seed))
+    heldout = list(read_samples(r.data("text_heldout")))[:100]
+    acc = _answer_accuracy(finals["reasoning"], heldout, "think", p.max_new_tokens, p.eval_batch)
+    return {"checkpoint": str(finals["reasoning"]), "answer_acc": acc, "steps": _steps(finals["reasoning"].parent)}
+
+
+def _steps(stage_dir: Path) -> int:
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return max(json.loads(x)["step"] for x in lines) if lines else 0
+
+
+def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
+    """Stage 0: the vision encoder by sigmoid contrastive loss; then both halves in one checkpoint."""
+    from phi4rv.checkpoint import load_model, save_checkpoint
+    from phi4rv.processing.image import ImageProcessorConfig
+    from phi4rv.processing.tokenizer import Tokenizer
+    from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
+
+    p, d = r.p, r.p.difficulty()
+    base = load_model(json.loads((r.steps_dir / "stage0_decoder.json").read_text())["checkpoint"])
+    image_cfg = ImageProcessorConfig(patch_size=base.cfg.vision.patch_size, min_num_patches=base.cfg.min_num_patches,
+                                     max_num_patches=base.cfg.max_num_patches)
+    pairs = list(world.caption_pairs(p.caption_pairs, r.seed + 5, d))
+    heldout = list(world.caption_pairs(256, r.seed + 6, d))
+    state, info = pretrain_vision(base.cfg.vision, pairs, heldout, image_cfg,
+                                  ContrastiveConfig(steps=p.contrastive_steps, batch=p.contrastive_batch, seed=r.seed))
+    base.vision.load_state_dict(state)
+    save_checkpoint(base, r.out / "stage0_base", Tokenizer.from_dir(r.tokenizer))
+    (r.out / "stage0_vision_loss.json").write_text(json.dumps(info["loss"]) + "\n")
+    return {"checkpoint": str(r.out / "stage0_base"), "steps": p.contrastive_steps,
+            **{k: v for k, v in info.items() if k != "loss"}, "final_loss": info["loss"][-1]}
+
+
+def stage_configs(r: Runner, mix: Path | None = None) -> dict[str, dict]:
+    """Stage 1 (projector only, captions), 2 (everything, the mixture), 3 (two-image questions and
+    refusals, with replay of stage-2 data)."""
+    p = r.p
+    mix = mix or r.data("mix")
+    return {
+        "alignment": stage({"projector": 3e-3}, [(r.data("align"), 1.0)], p, p.align_epochs),
+        "instruction": stage({"vision": 5e-4, "projector": 2e-3, "decoder": 2e-3}, [(mix / "train", 1.0)], p,
+                             p.instruction_epochs, weight_decay=0.01),
+        "long": stage({"vision": 1e-4, "projector": 5e-4, "decoder": 5e-4},
+                      [(r.data("stage3"), 1.0), (mix / "train", 0.25)], p, p.stage3_epochs),
+    }
+
+
+def train_stages(r: Runner) -> dict[str, Any]:
+    from phi4rv.train import train
+
+    base = json.loads((r.steps_dir / "stage0_vision.json").read_text())["checkpoint"]
+    run_dir = r.out / "stages"
+    finals = train(train_config(run_dir, {"checkpoint": base}, stage_configs(r), r.seed, r.data("mix") / "heldout"))
+    remove(r.model)
+    shutil.copytree(finals["long"], r.model)
+    return {"model": str(r.model), "stages": {name: {"steps": _steps(path.parent), "final": str(path)}
+                                               for name, path in finals.items()}}
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def evaluate(r: Runner, model: Path | None = None, out: Path | None = None, modes: tuple[str, ...] = MODES,
+             mix: Path | None = None) -> dict[str, Any]:
+    """The held-out split in each mode through `phi4rv eval`; the mode table from its records."""
+    from phi4rv.eval.backends import LocalBackend
+    from phi4rv.eval.report import write_report
+    from phi4rv.eval.runner import RunConfig, run_eval
+    from phi4rv.eval.tasks.synthetic import Synthetic
+
+    out = out or r.out / "eval"
+    cfg = RunConfig(out=out, tasks=[Synthetic()], modes=list(modes), limit=r.p.eval_limit, seed=r.seed,
+                    data_paths={"synthetic": (mix or r.data("mix")) / "heldout"}, max_new_tokens=r.p.max_new_tokens)
+    run_eval(cfg, LocalBackend(model or r.model, batch_size=r.p.eval_batch))
+    write_report([out], out / "report")
+    return mode_table(out, modes)
+
+
+def mode_table(eval_dir: Path, modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """Per mode and kind: accuracy, mean output tokens, mean seconds; in auto, how often the model
+    chose think for reasoning and nothink for perception questions."""
+    from phi4rv.eval.records import read_records, records_path
+
+    table: dict[str, Any] = {}
+    for mode in modes:
+        recs = list(read_records(records_path(eval_dir, "synthetic", mode)).values())
+        by: dict[str, list[dict]] = defaultdict(list)
+        for rec in recs:
+            by[rec["groups"]["kind"]].append(rec)
+            by["task:" + rec["groups"]["task"]].append(rec)
+        by["all"] = recs
+        row = {}
+        for key, group in sorted(by.items()):
+            tokens = [rec["tokens"].get("output", 0) for rec in group if rec.get("tokens")]
+            row[key] = {
+                "n": len(group),
+                "accuracy": 100 * sum(rec["score"] for rec in group) / max(1, len(group)),
+                "tokens": sum(tokens) / max(1, len(tokens)),
+                "seconds": sum(rec["times"].get("total", 0.0) for rec in group) / max(1, len(group)),
+                "think_share": 100 * sum(rec["answered_mode"] == "think" for rec in group) / max(1, len(group)),
+            }
+        table[mode] = row
+    if "auto" in table:
+        recs = list(read_records(records_path(eval_dir, "synthetic", "auto")).values())
+        right = [(rec["answered_mode"] == "think") == (rec["groups"]["kind"] == "reasoning") for rec in recs]
+        table["auto_choice"] = 100 * sum(right) / max(1, len(right))
+    return table
+
+
+def write_report(r: Runner, results: dict[str, Any]) -> dict[str, Any]:
+    from phi4rv.recipe.report import render
+
+    path = r.out / "REPORT.md"
+    path.write_text(render(r, results))
+    return {"path": str(path)}
+
