@@ -17,7 +17,13 @@ from collections.abc import Iterator
 
 from phi4rv.data.formats import Sample
 from phi4rv.data.synth import GENERATORS, Difficulty
-from phi4rv.data.synth.cards import CARD_COLORS, cards_scene, draw_cards, reading, sum_trace
+from phi4rv.data.synth.cards import (
+    CARD_COLORS,
+    cards_scene,
+    draw_cards,
+    reading,
+    sum_trace,
+)
 from phi4rv.data.synth.common import png_bytes
 from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START
 

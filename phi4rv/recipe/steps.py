@@ -54,7 +54,9 @@ def make_data(r: Runner, defects: float = 0.0, curate_data: bool = True) -> dict
         sources = [src.with_name(src.name + "_defects") for src in sources]
     kept = n
     if curate_data:
-        report = curate(sources, CurateConfig(seed=seed), r.data("clean"))
+        # exact duplicates only: an 8x8 dHash cannot tell a 3 from an 8 on a 16 px card, so "near
+        # duplicates" here are different questions
+        report = curate(sources, CurateConfig(seed=seed, near_duplicate_bits=-1), r.data("clean"))
         sources, kept = [r.data("clean")], report["kept"]
     manifest = write_mixture(MixConfig(datasets=[(str(s), 1.0) for s in sources], think_ratio=p.think_ratio,
                                        heldout=p.heldout, seed=seed, tokenizer=str(r.tokenizer)), r.data("mix"))

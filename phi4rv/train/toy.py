@@ -32,7 +32,13 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from phi4rv.data.formats import Sample, write_jsonl
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
-from phi4rv.processing.tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE, bytes_to_unicode, phi4_special_tokens
+from phi4rv.processing.tokenizer import (
+    CONFIG_FILE,
+    TEMPLATE_FILE,
+    TOKENIZER_FILE,
+    bytes_to_unicode,
+    phi4_special_tokens,
+)
 
 TOY_SYSTEM = "Answer briefly. Reason in <think></think> first when needed."
 

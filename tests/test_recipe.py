@@ -1,0 +1,200 @@
+"""The tiny end-to-end recipe: its world, its stage-0 parts and the whole run at test size."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from phi4rv.data.curate import CurateConfig, curate
+from phi4rv.data.formats import read_samples, write_parquet
+from phi4rv.data.synth import GENERATORS, with_knobs
+from phi4rv.data.synth.cards import CARD_COLORS
+from phi4rv.data.synth.common import COLORS
+from phi4rv.processing.image import ImageProcessorConfig, load_image, process_image
+from phi4rv.recipe import data as world
+from phi4rv.recipe.presets import get_preset
+
+GRID = with_knobs("tiny", width=(96, 128), height=(32, 48), font_size=(11, 12), elements=(2, 3), grid=16)
+
+
+def test_cards_are_drawn_as_the_scene_says():
+    for seed in range(20):
+        s = GENERATORS["card_sum"].generate(seed, GRID)
+        img = np.asarray(load_image(s.images[0]))
+        scene = s.meta["scene"]
+        digits = []
+        for card in scene["cards"]:
+            x1, y1, x2, y2 = card["box"]
+            assert x1 % 16 == y1 % 16 == 0 and x2 - x1 == 16  # one card per 16 px patch
+            patch = img[y1:y2, x1:x2].reshape(-1, 3)
+            colours, counts = np.unique(patch, axis=0, return_counts=True)
+            assert tuple(colours[counts.argmax()]) == COLORS[card["color"]]  # the card's fill
+            assert (patch.min(axis=1) >= 190).sum() >= 6  # a white (anti-aliased) glyph on it
+            digits.append(card["digit"])
+        xs = [c["box"][0] for c in scene["cards"]]
+        assert xs == sorted(xs) and len(set(digits)) == len(digits)
+        assert s.meta["answer"] == str(sum(digits))
+        assert s.meta["reading"] == ", ".join(f"{c['color']} {c['digit']}" for c in scene["cards"])
+        # with the recipe's budget the image is not resized, so patches and cards line up
+        assert process_image(s.images[0], ImageProcessorConfig(min_num_patches=4, max_num_patches=64)).grid == (
+            img.shape[0] // 16, img.shape[1] // 16)
+
+
+def test_product_and_questions_match_the_scene():
+    for seed in range(20):
+        s = GENERATORS["card_product"].generate(seed, GRID)
+        cards = {c["color"]: c["digit"] for c in s.meta["scene"]["cards"]}
+        question = s.messages[0]["content"]
+        a, b = [c for c in CARD_COLORS if f"the {c} number" in question]  # in the order asked
+        a, b = sorted((a, b), key=question.index)
+        assert s.meta["answer"] == str(cards[a] * cards[b])
+        assert s.messages[1]["content"].endswith(f"{cards[a]}*{cards[b]}={cards[a] * cards[b]}\n</think>\n\n{s.meta['answer']}")
+
+
+def test_reasoning_text_traces_are_right():
+    for s in world.reasoning_text(200, 3):
+        answer = s.messages[1]["content"]
+        trace = answer.split("</think>")[0]
+        for a, op, b, c in re.findall(r"(\d+)([+*])(\d+)=(\d+)", trace):
+            assert int(c) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        assert answer.endswith("\n\n" + s.meta["answer"])
+
+
+def test_as_mode_switches_between_think_and_direct_answers():
+    direct = GENERATORS["card_digit"].generate(1, GRID)
+    think = world.as_mode(direct, "think")
+    assert think.messages[-1]["content"] == f"<think>\n{direct.meta['reading']}\n</think>\n\n{direct.meta['answer']}"
+    reasoning = GENERATORS["card_sum"].generate(1, GRID)
+    assert world.as_mode(reasoning, "nothink").messages[-1]["content"] == reasoning.meta["answer"]
+    assert world.as_mode(reasoning, "think") == reasoning
+
+
+def test_curation_removes_every_planted_defect(tmp_path):
+    rng = random.Random(0)
+    clean = [GENERATORS[t].generate(k, GRID) for k in range(30) for t in ("card_digit", "card_color", "card_sum")]
+    broken = {s.id for s in clean if rng.random() < 0.3}
+    mixed = [world.plant_defect(s, rng) if s.id in broken else s for s in clean]
+    assert sum(a.messages != b.messages for a, b in zip(mixed, clean)) == len(broken)
+    write_parquet(mixed, tmp_path / "in.parquet")
+    curate([tmp_path / "in.parquet"], CurateConfig(near_duplicate_bits=-1), tmp_path / "out")
+    kept = {s.id for s in read_samples(tmp_path / "out")}
+    assert kept == {s.id for s in clean} - broken
+
+
+def test_bpe_tokenizer_learns_numbers_and_keeps_phi4_specials(tmp_path):
+    from phi4rv.processing.tokenizer import Tokenizer
+    from phi4rv.train.toy import build_byte_tokenizer
+
+    corpus = [m["content"] for s in world.reasoning_text(300, 0) for m in s.messages]
+    build_byte_tokenizer(tmp_path, corpus=corpus, vocab_size=400)
+    tok = Tokenizer.from_dir(tmp_path)
+    for text in ("What is 7*8?", "red 4, blue 7\n4+7=11", "naïve ünïcode ✓ not in the corpus"):
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("56")) == 1 and len(tok.encode("4+7=11")) == 5
+    assert tok.token_id("<|im_end|>") >= 256 and tok.eos_id == tok.token_id("<|im_end|>")
+
+
+def test_sigmoid_loss_matches_its_definition():
+    from phi4rv.config import VisionConfig
+    from phi4rv.recipe.contrastive import SigLIP
+
+    torch.manual_seed(0)
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    model = SigLIP(vision, ["red", "blue", "1", "2"])
+    pairs = [(GENERATORS["card_digit"].generate(k, GRID).images[0], c) for k, c in enumerate(["red 1", "blue 2", "red 2"])]
+    cfg = ImageProcessorConfig(min_num_patches=4, max_num_patches=64)
+    patches = [process_image(png, cfg) for png, _ in pairs]
+    captions = [c for _, c in pairs]
+    img, txt = model.embed_images(patches), model.embed_texts(captions)
+    t, b = model.logit_scale.exp().item(), model.logit_bias.item()
+    expected = 0.0
+    for i in range(3):
+        for j in range(3):
+            z = 1 if i == j else -1
+            expected -= math.log(1 / (1 + math.exp(-z * (t * float((img[i] @ txt[j]).detach()) + b))))
+    assert model.loss(patches, captions).item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_contrastive_pretraining_makes_features_that_find_their_captions():
+    from phi4rv.config import VisionConfig
+    from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
+
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    d = with_knobs(GRID, elements=(2, 2), width=(64, 64), height=(32, 32))
+    pairs = list(world.caption_pairs(600, 0, d))
+    heldout = list(world.caption_pairs(64, 1, d))
+    state, info = pretrain_vision(vision, pairs, heldout, ImageProcessorConfig(min_num_patches=4, max_num_patches=64),
+                                  ContrastiveConfig(steps=120, batch=64), progress=False)
+    assert info["retrieval_after"] >= info["retrieval_before"] + 0.3
+    assert set(state) == {k for k in state if not k.startswith(("pool.", "text."))}  # only the encoder's weights
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory):
+    from phi4rv.recipe.run import run_recipe
+
+    root = tmp_path_factory.mktemp("recipe")
+    preset = get_preset("test")
+    first = run_recipe(root / "a", preset, seed=0)
+    second = run_recipe(root / "b", preset, seed=0)
+    return root, first, second
+
+
+def _metrics(results: dict) -> dict:
+    results = copy.deepcopy(results)
+    out = {k: {kk: vv for kk, vv in v.items() if kk != "seconds" and "checkpoint" not in kk and kk not in ("path", "model")}
+           for k, v in results.items() if k not in ("report",)}
+    for mode in ("auto", "think", "nothink"):  # times differ from run to run; accuracy and tokens must not
+        for row in out["eval"][mode].values():
+            row.pop("seconds")
+    out["stages"] = {k: v["steps"] for k, v in out["stages"]["stages"].items()}
+    return out
+
+
+def test_same_seed_gives_the_same_metrics(recipe_runs):
+    root, first, second = recipe_runs
+    assert _metrics(first) == _metrics(second)
+    for mode in ("auto", "think", "nothink"):
+        a = (root / "a" / "eval" / "synthetic" / f"{mode}.jsonl").read_text().splitlines()
+        b = (root / "b" / "eval" / "synthetic" / f"{mode}.jsonl").read_text().splitlines()
+        assert [json.loads(x)["output"] for x in a] == [json.loads(x)["output"] for x in b]
+
+
+def test_recipe_writes_a_report_and_a_model_chat_can_use(recipe_runs):
+    root, first, _ = recipe_runs
+    run = root / "a"
+    report = (run / "REPORT.md").read_text()
+    for section in ("## Steps", "## Targets", "## Modes", "## Training", "## Chat", "## The final model"):
+        assert section in report
+    for step in ("tokenizer", "data", "stage0_decoder", "stage0_vision", "stages", "eval"):
+        assert f"| {step} |" in report
+    assert (run / "eval" / "report" / "pareto_synthetic.png").is_file()
+    assert first["eval"]["think"]["all"]["think_share"] == 100 and first["eval"]["nothink"]["all"]["think_share"] == 0
+    held = next(iter(read_samples(run / "data" / "mix" / "heldout")))
+    image = run / "q.png"
+    image.write_bytes(held.images[0])
+    out = subprocess.run([sys.executable, "-m", "phi4rv", "chat", "--model", str(run / "model"), "--image", str(image),
+                          "--temperature", "0", "--max-new-tokens", "8", "--json", "How many cards are there?"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] >= 1
+
+
+def test_rerun_skips_finished_steps(recipe_runs, capsys):
+    from phi4rv.recipe.run import run_recipe
+
+    root, first, _ = recipe_runs
+    again = run_recipe(root / "a", get_preset("test"), seed=0)
+    assert again["eval"] == first["eval"]
+    assert capsys.readouterr().out.count("done before") == 7
+    with pytest.raises(ValueError, match="other settings"):
+        run_recipe(root / "a", get_preset("test"), seed=1)
