@@ -19,10 +19,9 @@ setup-dev: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 demo: setup
-	$(BIN)/phi4rv init --preset tiny --out $(DEMO)/tiny --seed 0
-	$(BIN)/phi4rv info $(DEMO)/tiny
-	$(BIN)/phi4rv chat --model $(DEMO)/tiny --image examples/images/photo.jpg \
-		--max-new-tokens 24 --temperature 0 "What is in this picture?"
+	$(BIN)/phi4rv recipe --preset tiny --out $(DEMO)/tiny
+	$(BIN)/phi4rv chat --model $(DEMO)/tiny/model --image $(DEMO)/tiny/example_1.png \
+		--max-new-tokens 48 --temperature 0 "What is the sum of the numbers on the cards?"
 
 test: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests
