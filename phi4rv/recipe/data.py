@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterator
 
 from phi4rv.data.formats import Sample
-from phi4rv.data.synth import GENERATORS, Difficulty
+from phi4rv.data.synth import Difficulty
 from phi4rv.data.synth.cards import (
     CARD_COLORS,
     cards_scene,
@@ -117,16 +117,15 @@ def as_mode(s: Sample, mode: str) -> Sample:
     """The same cards sample answered in `mode`: a direct answer gets a trace made of the reading
     (think), a trace is dropped down to the final answer (nothink)."""
     meta = s.meta
+    if mode == meta["mode"]:
+        return s
     answer = str(meta["answer"])
     text = think_answer(meta["reading"], answer) if mode == "think" else answer
-    if mode == "think" and meta["mode"] == "think":
-        text = s.messages[-1]["content"]
     return Sample(s.id, [*s.messages[:-1], {"role": "assistant", "content": text}], s.images, {**meta, "mode": mode})
 
 
 def plant_defect(s: Sample, rng: random.Random) -> Sample:
-    """A data bug of the kind curation exists for: a wrong final answer (kept consistent in the
-    trace, as a careless annotator or a weak teacher would write it)."""
+    """A data bug of the kind curation exists for: a wrong final answer (any trace is left as it was)."""
     answer = str(s.meta["answer"])
     if answer.isdigit():
         wrong = str(int(answer) + rng.choice((-2, -1, 1, 2)) if int(answer) > 2 else int(answer) + rng.randint(1, 3))
@@ -138,6 +137,6 @@ def plant_defect(s: Sample, rng: random.Random) -> Sample:
 
 
 def task_samples(tasks: tuple[str, ...], n: int, seed: int, d: Difficulty) -> list[Sample]:
-    from phi4rv.data.synth.writer import derive_seed
+    from phi4rv.data.synth.writer import generate_many
 
-    return [GENERATORS[t].generate(derive_seed(seed, t, k), d) for t in tasks for k in range(n)]
+    return list(generate_many(list(tasks), n, seed, d, progress=False))

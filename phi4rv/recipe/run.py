@@ -11,7 +11,6 @@ folder skips finished steps, so a crash loses at most the step it happened in.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -130,7 +129,3 @@ def run_recipe(out: str | Path, preset: RecipePreset, seed: int = 0) -> dict[str
     results["report"] = r.step("report", lambda: steps.write_report(r, results), LINES["report"])
     say(f"done: {r.out / 'REPORT.md'}; the model (release format) is {r.model}")
     return results
-
-
-def remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

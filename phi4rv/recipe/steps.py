@@ -12,7 +12,7 @@ from typing import Any
 from phi4rv.data.formats import Sample, read_samples, write_parquet
 from phi4rv.processing.chat import MODES
 from phi4rv.recipe import data as world
-from phi4rv.recipe.run import Runner, remove, stage, train_config
+from phi4rv.recipe.run import Runner, stage, train_config
 
 
 def _parquet(samples: list[Sample], path: Path) -> int:
@@ -105,14 +105,13 @@ def _steps(stage_dir: Path) -> int:
 def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
     """Stage 0: the vision encoder by sigmoid contrastive loss; then both halves in one checkpoint."""
     from phi4rv.checkpoint import load_model, save_checkpoint
-    from phi4rv.processing.image import ImageProcessorConfig
     from phi4rv.processing.tokenizer import Tokenizer
     from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
+    from phi4rv.train.loop import image_config
 
     p, d = r.p, r.p.difficulty()
     base = load_model(json.loads((r.steps_dir / "stage0_decoder.json").read_text())["checkpoint"])
-    image_cfg = ImageProcessorConfig(patch_size=base.cfg.vision.patch_size, min_num_patches=base.cfg.min_num_patches,
-                                     max_num_patches=base.cfg.max_num_patches)
+    image_cfg = image_config(base.cfg)
     pairs = list(world.caption_pairs(p.caption_pairs, r.seed + 5, d))
     heldout = list(world.caption_pairs(256, r.seed + 6, d))
     state, info = pretrain_vision(base.cfg.vision, pairs, heldout, image_cfg,
@@ -144,7 +143,7 @@ def train_stages(r: Runner) -> dict[str, Any]:
     base = json.loads((r.steps_dir / "stage0_vision.json").read_text())["checkpoint"]
     run_dir = r.out / "stages"
     finals = train(train_config(run_dir, {"checkpoint": base}, stage_configs(r), r.seed, r.data("mix") / "heldout"))
-    remove(r.model)
+    shutil.rmtree(r.model, ignore_errors=True)
     shutil.copytree(finals["long"], r.model)
     return {"model": str(r.model), "stages": {name: {"steps": _steps(path.parent), "final": str(path)}
                                                for name, path in finals.items()}}
