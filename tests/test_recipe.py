@@ -198,3 +198,46 @@ def test_rerun_skips_finished_steps(recipe_runs, capsys):
     assert capsys.readouterr().out.count("done before") == 7
     with pytest.raises(ValueError, match="other settings"):
         run_recipe(root / "a", get_preset("test"), seed=1)
+
+
+def test_ablate_runs_the_three_lessons_on_one_held_out_split(recipe_runs, capsys):
+    from phi4rv.checkpoint import load_model
+    from phi4rv.recipe.ablate import ARMS, run_ablations
+    from phi4rv.train.loop import image_config
+
+    root, _, _ = recipe_runs
+    preset = get_preset("test")
+    arms = run_ablations(root / "a", preset, seed=0)
+    assert set(arms) == set(ARMS)
+    report = (root / "a" / "ABLATIONS.md").read_text()
+    for section in ("## 1. Native resolution", "## 2. Curated vs uncurated", "## 3. Think ratio"):
+        assert section in report
+    assert (root / "a" / "ablations.png").is_file()
+
+    # resolution: the low arm's model really sees fewer patches of the same image
+    held = next(iter(read_samples(root / "a" / "data" / "mix" / "heldout")))
+    grids = {arm: process_image(held.images[0], image_config(load_model(arms[arm]["model"]).cfg)).grid
+             for arm in ("reference", "low_res")}
+    assert math.prod(grids["low_res"]) <= preset.ablate_low_patches < math.prod(grids["reference"])
+
+    # curation: the uncurated arm trains on exactly the planted wrong answers, the curated arm on none
+    reference = {s.id: s for s in read_samples(root / "a" / "data" / "mix" / "train")}
+    uncurated = list(read_samples(root / "a" / "ablate" / "data" / "uncurated"))
+    changed = [s for s in uncurated if s.messages[-1]["content"] != reference[s.id].messages[-1]["content"]]
+    assert len(changed) == arms["uncurated"]["planted"] > 0
+    assert all(not s.messages[-1]["content"].endswith(s.meta["answer"]) for s in changed)
+    curated = {s.id for s in read_samples(root / "a" / "ablate" / "data" / "curated")}
+    assert curated == set(reference) - {s.id for s in changed}
+
+    # think ratio: 0, the recipe's 0.2, 1
+    assert (arms["think_0"]["think_ratio"], arms["think_1"]["think_ratio"]) == (0, 1)
+    assert abs(arms["reference"]["think_ratio"] - preset.think_ratio) < 0.05
+
+    # every arm is scored on the same questions
+    ids = {arm: sorted(json.loads(x)["id"] for x in (root / "a" / "ablate" / arm / "eval" / "synthetic" / "auto.jsonl")
+                       .read_text().splitlines()) for arm in ARMS}
+    assert all(v == ids["reference"] for v in ids.values())
+
+    capsys.readouterr()
+    run_ablations(root / "a", preset, seed=0)
+    assert capsys.readouterr().out.count("done before") == 7 + len(ARMS)

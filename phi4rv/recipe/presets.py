@@ -43,6 +43,9 @@ class RecipePreset:
     align_epochs: int = 1
     instruction_epochs: int = 2
     stage3_epochs: int = 1
+    # ablations
+    ablate_low_patches: int = 6  # the low-resolution arm's patch budget (native: up to 24 per image)
+    ablate_defects: float = 0.3  # share of training answers made wrong in the curation arms
     max_new_tokens: int = 48
     eval_batch: int = 16
 
