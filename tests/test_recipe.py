@@ -17,8 +17,7 @@ import torch
 from phi4rv.data.curate import CurateConfig, curate
 from phi4rv.data.formats import read_samples, write_parquet
 from phi4rv.data.synth import GENERATORS, with_knobs
-from phi4rv.data.synth.cards import CARD_COLORS
-from phi4rv.data.synth.common import COLORS
+from phi4rv.data.synth.cards import PLACES
 from phi4rv.processing.image import ImageProcessorConfig, load_image, process_image
 from phi4rv.recipe import data as world
 from phi4rv.recipe.presets import get_preset
@@ -37,13 +36,15 @@ def test_cards_are_drawn_as_the_scene_says():
             assert x1 % 16 == y1 % 16 == 0 and x2 - x1 == 16  # one card per 16 px patch
             patch = img[y1:y2, x1:x2].reshape(-1, 3)
             colours, counts = np.unique(patch, axis=0, return_counts=True)
-            assert tuple(colours[counts.argmax()]) == COLORS[card["color"]]  # the card's fill
-            assert (patch.min(axis=1) >= 190).sum() >= 6  # a white (anti-aliased) glyph on it
+            assert tuple(colours[counts.argmax()]) == (255, 255, 255)  # a white face
+            assert (patch.max(axis=1) <= 100).sum() >= 6  # a dark (anti-aliased) glyph on it
             digits.append(card["digit"])
+        assert [c["place"] for c in scene["cards"]] == list(PLACES[: len(scene["cards"])])
         xs = [c["box"][0] for c in scene["cards"]]
         assert xs == sorted(xs) and len(set(digits)) == len(digits)
+        assert len({c["box"][1] for c in scene["cards"]}) == 1  # one row
         assert s.meta["answer"] == str(sum(digits))
-        assert s.meta["reading"] == ", ".join(f"{c['color']} {c['digit']}" for c in scene["cards"])
+        assert s.meta["reading"] == ", ".join(str(d) for d in digits)
         # with the recipe's budget the image is not resized, so patches and cards line up
         assert process_image(s.images[0], ImageProcessorConfig(min_num_patches=4, max_num_patches=64)).grid == (
             img.shape[0] // 16, img.shape[1] // 16)
@@ -52,9 +53,9 @@ def test_cards_are_drawn_as_the_scene_says():
 def test_product_and_questions_match_the_scene():
     for seed in range(20):
         s = GENERATORS["card_product"].generate(seed, GRID)
-        cards = {c["color"]: c["digit"] for c in s.meta["scene"]["cards"]}
+        cards = {c["place"]: c["digit"] for c in s.meta["scene"]["cards"]}
         question = s.messages[0]["content"]
-        a, b = [c for c in CARD_COLORS if f"the {c} number" in question]  # in the order asked
+        a, b = [p for p in PLACES if f"the {p} number" in question]  # in the order asked
         a, b = sorted((a, b), key=question.index)
         assert s.meta["answer"] == str(cards[a] * cards[b])
         assert s.messages[1]["content"].endswith(f"{cards[a]}*{cards[b]}={cards[a] * cards[b]}\n</think>\n\n{s.meta['answer']}")
@@ -80,7 +81,7 @@ def test_as_mode_switches_between_think_and_direct_answers():
 
 def test_curation_removes_every_planted_defect(tmp_path):
     rng = random.Random(0)
-    clean = [GENERATORS[t].generate(k, GRID) for k in range(30) for t in ("card_digit", "card_color", "card_sum")]
+    clean = [GENERATORS[t].generate(k, GRID) for k in range(30) for t in ("card_digit", "card_place", "card_sum")]
     broken = {s.id for s in clean if rng.random() < 0.3}
     mixed = [world.plant_defect(s, rng) if s.id in broken else s for s in clean]
     assert sum(a.messages != b.messages for a, b in zip(mixed, clean)) == len(broken)
@@ -108,7 +109,7 @@ def test_sigmoid_loss_matches_its_definition():
     from phi4rv.recipe.contrastive import SigLIP
 
     torch.manual_seed(0)
-    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2)
     model = SigLIP(vision, ["red", "blue", "1", "2"])
     pairs = [(GENERATORS["card_digit"].generate(k, GRID).images[0], c) for k, c in enumerate(["red 1", "blue 2", "red 2"])]
     cfg = ImageProcessorConfig(min_num_patches=4, max_num_patches=64)
@@ -128,13 +129,13 @@ def test_contrastive_pretraining_makes_features_that_find_their_captions():
     from phi4rv.config import VisionConfig
     from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
 
-    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+    vision = VisionConfig(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2)
     d = with_knobs(GRID, elements=(2, 2), width=(64, 64), height=(32, 32))
     pairs = list(world.caption_pairs(600, 0, d))
     heldout = list(world.caption_pairs(64, 1, d))
     state, info = pretrain_vision(vision, pairs, heldout, ImageProcessorConfig(min_num_patches=4, max_num_patches=64),
-                                  ContrastiveConfig(steps=120, batch=64), progress=False)
-    assert info["retrieval_after"] >= info["retrieval_before"] + 0.3
+                                  ContrastiveConfig(steps=200, batch=64), progress=False)
+    assert info["retrieval_after"] >= info["retrieval_before"] + 0.5
     assert set(state) == {k for k in state if not k.startswith(("pool.", "text."))}  # only the encoder's weights
 
 

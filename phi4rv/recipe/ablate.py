@@ -142,12 +142,12 @@ def render(r: Runner, arms: dict[str, dict[str, Any]]) -> str:
         "recipe's own stage 2.", "",
         f"![the three lessons]({plot(r, arms)})", "",
         "## 1. Native resolution vs a fixed low resolution", "",
-        "| arm | max patches | perception (nothink) % | card_digit % | card_color % | card_count % | all (auto) % |",
+        "| arm | max patches | perception (nothink) % | card_digit % | card_place % | card_count % | all (auto) % |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, x in (("native (NaFlex budget)", ref), ("low resolution", low)):
         lines.append(f"| {name} | {x['max_num_patches']} | {_acc(x, 'nothink', 'perception'):.1f} | "
-                     + " | ".join(f"{_acc(x, 'nothink', 'task:' + t):.1f}" for t in ("card_digit", "card_color", "card_count"))
+                     + " | ".join(f"{_acc(x, 'nothink', 'task:' + t):.1f}" for t in ("card_digit", "card_place", "card_count"))
                      + f" | {_acc(x, 'auto', 'all'):.1f} |")
     unc, cur = arms["uncurated"], arms["curated"]
     lines += ["", "## 2. Curated vs uncurated data", "",

@@ -1,9 +1,9 @@
 """The recipe's data: the number-cards world (`phi4rv.data.synth.cards`) seen from every stage.
 
 - stage 0, decoder: text-only reasoning with worked traces, the card readings given in words
-  ("The cards show red 4, blue 7. What is the sum ...?"), so the decoder knows the arithmetic
+  ("The cards show 4, 7. What is the sum ...?"), so the decoder knows the arithmetic
   before it ever sees an image;
-- stage 0, vision: (image, caption) pairs, the caption being the reading ("red 4, blue 7");
+- stage 0, vision: (image, caption) pairs, the caption being the reading ("4, 7");
 - stage 1: "List the cards from left to right." -> the reading (captions, projector only);
 - stage 2: the data engine's path: synth -> curate -> mix (20% think / 80% nothink, held-out);
 - stage 3: two-image questions and refusals, with replay of stage-2 data.
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from phi4rv.data.formats import Sample
 from phi4rv.data.synth import Difficulty
 from phi4rv.data.synth.cards import (
-    CARD_COLORS,
+    PLACES,
     cards_scene,
     draw_cards,
     reading,
@@ -27,7 +27,7 @@ from phi4rv.data.synth.cards import (
 from phi4rv.data.synth.common import png_bytes
 from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START
 
-PERCEPTION = ("card_digit", "card_color", "card_count")
+PERCEPTION = ("card_digit", "card_place", "card_count")
 REASONING = ("card_sum", "card_product")
 TASKS = PERCEPTION + REASONING
 LIST_QUESTION = "List the cards from left to right."
@@ -47,7 +47,7 @@ def think_answer(trace: str, answer: str) -> str:
 
 
 def _random_cards(rng: random.Random, n: int) -> list[tuple[str, int]]:
-    return list(zip(rng.sample(CARD_COLORS, n), rng.sample(range(1, 10), n)))
+    return list(zip(PLACES, rng.sample(range(1, 10), n)))
 
 
 def reasoning_text(n: int, seed: int, max_cards: int = 3) -> list[Sample]:
@@ -57,7 +57,7 @@ def reasoning_text(n: int, seed: int, max_cards: int = 3) -> list[Sample]:
     out = []
     for i in range(n):
         cards = _random_cards(rng, rng.randint(2, max_cards))
-        read = ", ".join(f"{c} {v}" for c, v in cards)
+        read = ", ".join(str(v) for _, v in cards)
         digits = [v for _, v in cards]
         kind = rng.choice(("sum", "product", "add", "mul"))
         if kind in ("sum", "add"):
@@ -103,8 +103,8 @@ def stage3_samples(n: int, seed: int, d: Difficulty, refusal_share: float = 0.2)
         scenes = [cards_scene(rng, d) for _ in range(2)]
         k = rng.randrange(2)
         card = rng.choice(scenes[k]["cards"])
-        q = f"What number is on the {card['color']} card in image {k + 1}?"
-        present = [c for c in scenes[1 - k]["cards"] if c["color"] == card["color"]]
+        q = f"What number is on the {card['place']} card in image {k + 1}?"
+        present = [c for c in scenes[1 - k]["cards"] if c["place"] == card["place"]]
         messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{q}"},
                     {"role": "assistant", "content": str(card["digit"])}]
         meta = {"task": "card_pair", "kind": "perception", "mode": "nothink", "answer": str(card["digit"]),
@@ -130,7 +130,7 @@ def plant_defect(s: Sample, rng: random.Random) -> Sample:
     if answer.isdigit():
         wrong = str(int(answer) + rng.choice((-2, -1, 1, 2)) if int(answer) > 2 else int(answer) + rng.randint(1, 3))
     else:
-        wrong = rng.choice([c for c in CARD_COLORS if c != answer])
+        wrong = rng.choice([p for p in PLACES[:3] if p != answer])
     text = s.messages[-1]["content"]
     text = re.sub(rf"{re.escape(answer)}$", wrong, text)
     return Sample(s.id, [*s.messages[:-1], {"role": "assistant", "content": text}], s.images, s.meta)

@@ -41,7 +41,7 @@ class RecipePreset:
     contrastive_steps: int = 300
     contrastive_batch: int = 128
     align_epochs: int = 1
-    instruction_epochs: int = 2
+    instruction_epochs: int = 6
     stage3_epochs: int = 1
     # ablations
     ablate_low_patches: int = 6  # the low-resolution arm's patch budget (native: up to 24 per image)
@@ -63,7 +63,7 @@ PRESETS = {
         model={"decoder.hidden_size": 32, "decoder.intermediate_size": 64, "decoder.num_hidden_layers": 1,
                "vision.hidden_size": 32, "vision.intermediate_size": 64, "vision.num_hidden_layers": 2,
                "min_num_patches": 4, "max_num_patches": 64},
-        contrastive_steps=3, contrastive_batch=16, max_new_tokens=12, eval_batch=8, batch_tokens=512,
+        contrastive_steps=3, contrastive_batch=16, instruction_epochs=2, max_new_tokens=12, eval_batch=8, batch_tokens=512,
     ),
 }
 

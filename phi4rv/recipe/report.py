@@ -107,7 +107,7 @@ def render(r: Any, results: dict[str, Any]) -> str:
         f"# phi4rv recipe: preset `{r.p.name}`, seed {r.seed}", "",
         f"`phi4rv recipe --preset {r.p.name} --seed {r.seed} --out {run}` on {machine()}.", "",
         "The paper's pipeline in miniature on the number-cards world (`phi4rv.data.synth.cards`): "
-        "perception questions (read a card, name a colour, count) are answered directly; multi-step "
+        "perception questions (read a card, find a card, count) are answered directly; multi-step "
         "questions (sum of all cards, product of two) are reasoned in `<think>`.", "",
         "## Steps", "", "| step | seconds | result |", "|---|---:|---|",
     ]

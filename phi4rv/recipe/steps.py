@@ -124,15 +124,19 @@ def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
 
 
 def stage_configs(r: Runner, mix: Path | None = None) -> dict[str, dict]:
-    """Stage 1 (projector only, captions), 2 (everything, the mixture), 3 (two-image questions and
-    refusals, with replay of stage-2 data)."""
+    """Stage 1 (projector only, captions), 2 (projector and decoder, the mixture), 3 (two-image
+    questions and refusals, with replay of stage-2 data).
+
+    Unlike the paper's stage 2, the vision encoder stays as stage 0 left it: trained along with
+    the decoder at lr 5e-4, the tiny encoder lost the digits before the decoder had learned to
+    read them (a linear probe for the digit on the projected features fell from 99.9% to 41-64%)."""
     p = r.p
     mix = mix or r.data("mix")
     return {
         "alignment": stage({"projector": 3e-3}, [(r.data("align"), 1.0)], p, p.align_epochs),
-        "instruction": stage({"vision": 5e-4, "projector": 2e-3, "decoder": 2e-3}, [(mix / "train", 1.0)], p,
+        "instruction": stage({"projector": 2e-3, "decoder": 2e-3}, [(mix / "train", 1.0)], p,
                              p.instruction_epochs, weight_decay=0.01),
-        "long": stage({"vision": 1e-4, "projector": 5e-4, "decoder": 5e-4},
+        "long": stage({"projector": 5e-4, "decoder": 5e-4},
                       [(r.data("stage3"), 1.0), (mix / "train", 0.25)], p, p.stage3_epochs),
     }
 

@@ -56,11 +56,11 @@ _TASKS = [
     ("multi_diff", multi, "perception", "what changed between two images (multiple choice)"),
     ("multi_order", multi, "reasoning", "order scrambled frames of a process"),
     ("multi_match", multi, "perception", "match images to captions"),
-    ("card_digit", cards, "perception", "the digit on the card of a named colour"),
-    ("card_color", cards, "perception", "the colour of the card with a given digit"),
+    ("card_digit", cards, "perception", "the digit on the card at a named place"),
+    ("card_place", cards, "perception", "the place of the card with a given digit"),
     ("card_count", cards, "perception", "how many cards"),
     ("card_sum", cards, "reasoning", "sum of the digits on all cards"),
-    ("card_product", cards, "reasoning", "product of the digits on two named cards"),
+    ("card_product", cards, "reasoning", "product of the digits on two cards named by place"),
 ]
 
 GENERATORS: dict[str, Generator] = {
