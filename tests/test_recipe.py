@@ -44,7 +44,7 @@ def test_cards_are_drawn_as_the_scene_says():
         assert xs == sorted(xs) and len(set(digits)) == len(digits)
         assert len({c["box"][1] for c in scene["cards"]}) == 1  # one row
         assert s.meta["answer"] == str(sum(digits))
-        assert s.meta["reading"] == ", ".join(str(d) for d in digits)
+        assert s.meta["reading"] == ", ".join(f"{p} {d}" for p, d in zip(PLACES, digits))
         # with the recipe's budget the image is not resized, so patches and cards line up
         assert process_image(s.images[0], ImageProcessorConfig(min_num_patches=4, max_num_patches=64)).grid == (
             img.shape[0] // 16, img.shape[1] // 16)

@@ -1,9 +1,9 @@
 """The recipe's data: the number-cards world (`phi4rv.data.synth.cards`) seen from every stage.
 
 - stage 0, decoder: text-only reasoning with worked traces, the card readings given in words
-  ("The cards show 4, 7. What is the sum ...?"), so the decoder knows the arithmetic
+  ("The cards show first 4, second 7. What is the sum ...?"), so the decoder knows the arithmetic
   before it ever sees an image;
-- stage 0, vision: (image, caption) pairs, the caption being the reading ("4, 7");
+- stage 0, vision: (image, caption) pairs, the caption being the reading ("first 4, second 7");
 - stage 1: "List the cards from left to right." -> the reading (captions, projector only);
 - stage 2: the data engine's path: synth -> curate -> mix (20% think / 80% nothink, held-out);
 - stage 3: two-image questions and refusals, with replay of stage-2 data.
@@ -57,7 +57,7 @@ def reasoning_text(n: int, seed: int, max_cards: int = 3) -> list[Sample]:
     out = []
     for i in range(n):
         cards = _random_cards(rng, rng.randint(2, max_cards))
-        read = ", ".join(str(v) for _, v in cards)
+        read = ", ".join(f"{c} {v}" for c, v in cards)
         digits = [v for _, v in cards]
         kind = rng.choice(("sum", "product", "add", "mul"))
         if kind in ("sum", "add"):

@@ -7,8 +7,8 @@ The cards have no colours and stand in one row on purpose. With coloured faces t
 to read the digits in the recipe's budget (card_digit 9-20%, chance 11%); with white cards in rows
 at random heights it read them partly (35-40%); with white cards in one row, 82%.
 
-Every sample's meta carries `reading`, the digits left to right as written in the traces
-("4, 7, 2"), so a direct answer can be given a think trace and back
+Every sample's meta carries `reading`, the cards left to right as written in the traces
+("first 4, second 7, third 2"), so a direct answer can be given a think trace and back
 (`phi4rv.recipe.data.as_mode`), and captions for contrastive pretraining come from the same words.
 """
 
@@ -58,7 +58,7 @@ def draw_cards(scene: dict[str, Any]) -> Image.Image:
 
 
 def reading(scene: dict[str, Any]) -> str:
-    return ", ".join(str(c["digit"]) for c in scene["cards"])
+    return ", ".join(f"{c['place']} {c['digit']}" for c in scene["cards"])
 
 
 def _drawn(scene: dict[str, Any], question: str, answer: Any, answer_type: str, trace: str | None = None) -> Drawn:
