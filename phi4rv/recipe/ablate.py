@@ -19,42 +19,35 @@ import random
 from pathlib import Path
 from typing import Any
 
-from phi4rv.data.formats import mode_of, read_samples
+from phi4rv.data.formats import Sample, mode_of, read_samples
 from phi4rv.recipe import data as world
 from phi4rv.recipe.run import Runner, say, train_config
+from phi4rv.recipe.steps import write_shard
 
 ARMS = ("reference", "low_res", "uncurated", "curated", "think_0", "think_1")
 
 
-def _write(samples: list, folder: Path) -> Path:
-    from phi4rv.recipe.steps import _parquet
-
-    _parquet(samples, folder / "shard-00000.parquet")
-    return folder
-
-
-def arm_data(r: Runner, arm: str) -> tuple[Path, dict[str, Any]]:
-    """The arm's training split and what was done to it."""
+def arm_data(r: Runner, arm: str) -> tuple[Path, list[Sample], dict[str, Any]]:
+    """The arm's training split (folder and samples) and what was done to it."""
     from phi4rv.data.curate import CurateConfig, curate
 
     train = r.data("mix") / "train"
-    if arm in ("reference", "low_res"):
-        return train, {}
-    root = r.out / "ablate" / "data"
     samples = list(read_samples(train))
+    if arm in ("reference", "low_res"):
+        return train, samples, {}
+    root = r.out / "ablate" / "data"
     if arm.startswith("think_"):
-        mode = "think" if arm == "think_1" else "nothink"
-        return _write([world.as_mode(s, mode) for s in samples], root / arm), {}
+        changed = [world.as_mode(s, "think" if arm == "think_1" else "nothink") for s in samples]
+        return write_shard(changed, root / arm), changed, {}
     rng = random.Random(r.seed + 11)
     broken = {s.id for s in samples if rng.random() < r.p.ablate_defects}
     planted = [world.plant_defect(s, rng) if s.id in broken else s for s in samples]
     if arm == "uncurated":
-        return _write(planted, root / arm), {"planted": len(broken)}
-    source = _write(planted, root / "planted")
-    curate([source], CurateConfig(seed=r.seed, near_duplicate_bits=-1), root / arm)
-    kept = {s.id for s in read_samples(root / arm)}
-    return root / arm, {"planted": len(broken), "removed": len(samples) - len(kept),
-                        "planted_left": len(broken & kept)}
+        return write_shard(planted, root / arm), planted, {"planted": len(broken)}
+    curate([write_shard(planted, root / "planted")], CurateConfig(seed=r.seed, near_duplicate_bits=-1), root / arm)
+    kept = list(read_samples(root / arm))
+    left = broken & {s.id for s in kept}
+    return root / arm, kept, {"planted": len(broken), "removed": len(samples) - len(kept), "planted_left": len(left)}
 
 
 def run_arm(r: Runner, arm: str) -> dict[str, Any]:
@@ -62,7 +55,7 @@ def run_arm(r: Runner, arm: str) -> dict[str, Any]:
     from phi4rv.train import train
 
     out = r.out / "ablate" / arm
-    data, info = arm_data(r, arm)
+    data, samples, info = arm_data(r, arm)
     if arm == "reference":
         model = r.out / "stages" / "instruction" / "final"
     else:
@@ -71,7 +64,6 @@ def run_arm(r: Runner, arm: str) -> dict[str, Any]:
         overrides = {"max_num_patches": r.p.ablate_low_patches} if arm == "low_res" else {}
         start = {"checkpoint": str(r.out / "stages" / "alignment" / "final"), "overrides": overrides}
         model = train(train_config(out / "train", start, {"instruction": stage}, r.seed))["instruction"]
-    samples = list(read_samples(data))
     think = sum(mode_of(s.messages[-1]["content"]) == "think" for s in samples)
     config = json.loads((Path(model) / "config.json").read_text())
     return {"model": str(model), "samples": len(samples), "think_ratio": think / max(1, len(samples)),

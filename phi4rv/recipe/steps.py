@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -15,10 +14,11 @@ from phi4rv.recipe import data as world
 from phi4rv.recipe.run import Runner, stage, train_config
 
 
-def _parquet(samples: list[Sample], path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_parquet(samples, path)
-    return len(samples)
+def write_shard(samples: list[Sample], folder: Path) -> Path:
+    """`samples` as the one shard of a dataset folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_parquet(samples, folder / "shard-00000.parquet")
+    return folder
 
 
 def make_tokenizer(r: Runner) -> dict[str, Any]:
@@ -34,9 +34,9 @@ def make_tokenizer(r: Runner) -> dict[str, Any]:
     return {"vocab_size": Tokenizer.from_dir(r.tokenizer).vocab_size}
 
 
-def make_data(r: Runner, defects: float = 0.0, curate_data: bool = True) -> dict[str, Any]:
-    """synth -> (planted defects) -> curate -> 20/80 mixture with a held-out split; plus the
-    stage-0 text, stage-1 captions and stage-3 samples."""
+def make_data(r: Runner) -> dict[str, Any]:
+    """synth -> curate -> 20/80 mixture with a held-out split; plus the stage-0 text, stage-1
+    captions and stage-3 samples."""
     from phi4rv.data.curate import CurateConfig, curate
     from phi4rv.data.mix import MixConfig, write_mixture
     from phi4rv.data.synth.writer import write_synthetic
@@ -45,27 +45,18 @@ def make_data(r: Runner, defects: float = 0.0, curate_data: bool = True) -> dict
     synth = r.data("synth")
     n = write_synthetic(list(world.PERCEPTION), p.per_perception_task, seed, d, synth / "perception")["samples"]
     n += write_synthetic(list(world.REASONING), p.per_reasoning_task, seed, d, synth / "reasoning")["samples"]
-    sources = [synth / "perception", synth / "reasoning"]
-    if defects:
-        rng = random.Random(seed + 7)
-        for src in sources:
-            samples = [world.plant_defect(s, rng) if rng.random() < defects else s for s in read_samples(src)]
-            _parquet(samples, src.with_name(src.name + "_defects") / "shard-00000.parquet")
-        sources = [src.with_name(src.name + "_defects") for src in sources]
-    kept = n
-    if curate_data:
-        # exact duplicates only: an 8x8 dHash cannot tell a 3 from an 8 on a 16 px card, so "near
-        # duplicates" here are different questions
-        report = curate(sources, CurateConfig(seed=seed, near_duplicate_bits=-1), r.data("clean"))
-        sources, kept = [r.data("clean")], report["kept"]
-    manifest = write_mixture(MixConfig(datasets=[(str(s), 1.0) for s in sources], think_ratio=p.think_ratio,
+    # exact duplicates only: an 8x8 dHash cannot tell a 3 from an 8 on a 16 px card, so "near
+    # duplicates" here are different questions
+    report = curate([synth / "perception", synth / "reasoning"], CurateConfig(seed=seed, near_duplicate_bits=-1),
+                    r.data("clean"))
+    manifest = write_mixture(MixConfig(datasets=[(str(r.data("clean")), 1.0)], think_ratio=p.think_ratio,
                                        heldout=p.heldout, seed=seed, tokenizer=str(r.tokenizer)), r.data("mix"))
     splits = manifest["splits"]
-    _parquet(world.reasoning_text(p.text_samples, seed + 1), r.data("text") / "shard-00000.parquet")
-    _parquet(world.reasoning_text(200, seed + 2), r.data("text_heldout") / "shard-00000.parquet")
-    _parquet(world.alignment_samples(p.align_samples, seed + 3, d), r.data("align") / "shard-00000.parquet")
-    _parquet(world.stage3_samples(p.stage3_samples, seed + 4, d), r.data("stage3") / "shard-00000.parquet")
-    return {"synth": n, "kept": kept, "train": splits["train"]["samples"], "heldout": splits["heldout"]["samples"],
+    write_shard(world.reasoning_text(p.text_samples, seed + 1), r.data("text"))
+    write_shard(world.reasoning_text(200, seed + 2), r.data("text_heldout"))
+    write_shard(world.alignment_samples(p.align_samples, seed + 3, d), r.data("align"))
+    write_shard(world.stage3_samples(p.stage3_samples, seed + 4, d), r.data("stage3"))
+    return {"synth": n, "kept": report["kept"], "train": splits["train"]["samples"], "heldout": splits["heldout"]["samples"],
             "think_ratio": splits["train"]["think_ratio"], "text": p.text_samples, "align": p.align_samples,
             "stage3": p.stage3_samples}
 
