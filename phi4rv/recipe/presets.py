@@ -41,7 +41,7 @@ class RecipePreset:
     contrastive_steps: int = 300
     contrastive_batch: int = 128
     align_epochs: int = 1
-    instruction_epochs: int = 6
+    instruction_epochs: int = 12  # at 6 the loss was still falling: perception 77% (91% at 12)
     stage3_epochs: int = 1
     # ablations
     ablate_low_patches: int = 6  # the low-resolution arm's patch budget (native: up to 24 per image)
