@@ -229,6 +229,7 @@ def test_ablate_runs_the_three_lessons_on_one_held_out_split(recipe_runs, capsys
     assert all(not s.messages[-1]["content"].endswith(s.meta["answer"]) for s in changed)
     curated = {s.id for s in read_samples(root / "a" / "ablate" / "data" / "curated")}
     assert curated == set(reference) - {s.id for s in changed}
+    assert arms["curated"]["steps"] == arms["reference"]["steps"]  # same compute on less data
 
     # think ratio: 0, the recipe's 0.2, 1
     assert (arms["think_0"]["think_ratio"], arms["think_1"]["think_ratio"]) == (0, 1)

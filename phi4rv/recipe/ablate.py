@@ -7,7 +7,8 @@ reference arm: native resolution, curated data, think ratio 0.2.
 - resolution: the NaFlex budget of the recipe (each 16 px card gets its own patch) vs a fixed low
   budget (`ablate_low_patches`: the images are shrunk to fit, the digits with them);
 - curation: the training split with a share of wrong answers planted (`ablate_defects`), trained
-  on as it is vs after `phi4rv.data.curate` has checked it;
+  on as it is vs after `phi4rv.data.curate` has removed them (for as many steps as the full split:
+  the lesson is about what the compute is spent on, not about less compute);
 - think ratio: 0 (every answer direct), 0.2 (the recipe's mix), 1.0 (every answer reasoned, the
   perception answers with the card reading as their trace).
 """
@@ -51,7 +52,7 @@ def arm_data(r: Runner, arm: str) -> tuple[Path, list[Sample], dict[str, Any]]:
 
 
 def run_arm(r: Runner, arm: str) -> dict[str, Any]:
-    from phi4rv.recipe.steps import evaluate, stage_configs
+    from phi4rv.recipe.steps import evaluate, stage_configs, stage_steps
     from phi4rv.train import train
 
     out = r.out / "ablate" / arm
@@ -61,12 +62,15 @@ def run_arm(r: Runner, arm: str) -> dict[str, Any]:
     else:
         stage = stage_configs(r)["instruction"]
         stage["data"]["datasets"] = [{"path": str(data), "weight": 1.0}]
+        if arm == "curated":  # as many steps as the full split got: fewer samples, same compute
+            stage["max_steps"] = stage_steps(r.out / "stages" / "instruction")
         overrides = {"max_num_patches": r.p.ablate_low_patches} if arm == "low_res" else {}
         start = {"checkpoint": str(r.out / "stages" / "alignment" / "final"), "overrides": overrides}
         model = train(train_config(out / "train", start, {"instruction": stage}, r.seed))["instruction"]
     think = sum(mode_of(s.messages[-1]["content"]) == "think" for s in samples)
     config = json.loads((Path(model) / "config.json").read_text())
-    return {"model": str(model), "samples": len(samples), "think_ratio": think / max(1, len(samples)),
+    return {"model": str(model), "samples": len(samples), "steps": stage_steps(Path(model).parent),
+            "think_ratio": think / max(1, len(samples)),
             "max_num_patches": config["max_num_patches"], **info, "eval": evaluate(r, Path(model), out / "eval")}
 
 
@@ -117,7 +121,7 @@ def plot(r: Runner, arms: dict[str, dict[str, Any]]) -> str:
     tokens.plot(xs, [x["eval"]["auto"]["all"]["tokens"] for _, x in ratios], "d--", color="C3", label="output tokens")
     tokens.set_ylabel("mean output tokens (auto)")
     lines = c.get_legend_handles_labels()[0] + tokens.get_legend_handles_labels()[0]
-    c.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper left")
+    c.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(r.out / "ablations.png", dpi=100)
     plt.close(fig)
@@ -144,19 +148,21 @@ def render(r: Runner, arms: dict[str, dict[str, Any]]) -> str:
     unc, cur = arms["uncurated"], arms["curated"]
     lines += ["", "## 2. Curated vs uncurated data", "",
               f"{unc['planted']} of {unc['samples']} training answers were replaced by wrong ones. Curation removed "
-              f"{cur['removed']} samples; {cur['planted_left']} planted answers got through.", "",
-              "| arm | training samples | perception (auto) % | reasoning (auto) % | all (auto) % |",
-              "|---|---:|---:|---:|---:|"]
+              f"{cur['removed']} samples; {cur['planted_left']} planted answers got through. The curated arm "
+              "trains for as many steps as the reference arm: less data, the same compute.", "",
+              "| arm | training samples | steps | perception (auto) % | reasoning (auto) % | all (auto) % |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, x in (("uncurated", unc), ("curated", cur), ("reference (clean)", ref)):
-        lines.append(f"| {name} | {x['samples']} | {_acc(x, 'auto', 'perception'):.1f} | "
+        lines.append(f"| {name} | {x['samples']} | {x['steps']} | {_acc(x, 'auto', 'perception'):.1f} | "
                      f"{_acc(x, 'auto', 'reasoning'):.1f} | {_acc(x, 'auto', 'all'):.1f} |")
     lines += ["", "## 3. Think ratio", "",
-              "| think ratio | mode | perception % | reasoning % | all % | output tokens | answered in think % |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
+              "| think ratio | training steps | mode | perception % | reasoning % | all % | output tokens "
+              "| answered in think % |",
+              "|---:|---:|---|---:|---:|---:|---:|---:|"]
     for x in (arms["think_0"], ref, arms["think_1"]):
         for mode in ("auto", "think", "nothink"):
             ev = x["eval"][mode]
-            lines.append(f"| {x['think_ratio']:.2f} | {mode} | {_acc(x, mode, 'perception'):.1f} | "
+            lines.append(f"| {x['think_ratio']:.2f} | {x['steps']} | {mode} | {_acc(x, mode, 'perception'):.1f} | "
                          f"{_acc(x, mode, 'reasoning'):.1f} | {ev['all']['accuracy']:.1f} | {ev['all']['tokens']:.1f} | "
                          f"{ev['all']['think_share']:.0f} |")
     lines += ["", "Per-arm records and `phi4rv eval report` tables: `ablate/ARM/eval/`.", ""]

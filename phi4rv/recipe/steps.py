@@ -85,10 +85,10 @@ def pretrain_decoder(r: Runner) -> dict[str, Any]:
     finals = train(train_config(r.out / "stage0_decoder", model, stages, r.seed))
     heldout = list(read_samples(r.data("text_heldout")))[:100]
     acc = _answer_accuracy(finals["reasoning"], heldout, "think", p.max_new_tokens, p.eval_batch)
-    return {"checkpoint": str(finals["reasoning"]), "answer_acc": acc, "steps": _steps(finals["reasoning"].parent)}
+    return {"checkpoint": str(finals["reasoning"]), "answer_acc": acc, "steps": stage_steps(finals["reasoning"].parent)}
 
 
-def _steps(stage_dir: Path) -> int:
+def stage_steps(stage_dir: Path) -> int:
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
     return max(json.loads(x)["step"] for x in lines) if lines else 0
 
@@ -140,7 +140,7 @@ def train_stages(r: Runner) -> dict[str, Any]:
     finals = train(train_config(run_dir, {"checkpoint": base}, stage_configs(r), r.seed, r.data("mix") / "heldout"))
     shutil.rmtree(r.model, ignore_errors=True)
     shutil.copytree(finals["long"], r.model)
-    return {"model": str(r.model), "stages": {name: {"steps": _steps(path.parent), "final": str(path)}
+    return {"model": str(r.model), "stages": {name: {"steps": stage_steps(path.parent), "final": str(path)}
                                                for name, path in finals.items()}}
 
 
