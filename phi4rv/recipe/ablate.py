@@ -43,9 +43,10 @@ def arm_data(r: Runner, arm: str) -> tuple[Path, list[Sample], dict[str, Any]]:
     rng = random.Random(r.seed + 11)
     broken = {s.id for s in samples if rng.random() < r.p.ablate_defects}
     planted = [world.plant_defect(s, rng) if s.id in broken else s for s in samples]
+    uncurated = write_shard(planted, root / "uncurated")  # the curated arm starts from the same folder
     if arm == "uncurated":
-        return write_shard(planted, root / arm), planted, {"planted": len(broken)}
-    curate([write_shard(planted, root / "planted")], CurateConfig(seed=r.seed, near_duplicate_bits=-1), root / arm)
+        return uncurated, planted, {"planted": len(broken)}
+    curate([uncurated], CurateConfig(seed=r.seed, near_duplicate_bits=-1), root / arm)
     kept = list(read_samples(root / arm))
     left = broken & {s.id for s in kept}
     return root / arm, kept, {"planted": len(broken), "removed": len(samples) - len(kept), "planted_left": len(left)}

@@ -114,15 +114,14 @@ def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
             **{k: v for k, v in info.items() if k != "loss"}, "final_loss": info["loss"][-1]}
 
 
-def stage_configs(r: Runner, mix: Path | None = None) -> dict[str, dict]:
+def stage_configs(r: Runner) -> dict[str, dict]:
     """Stage 1 (projector only, captions), 2 (projector and decoder, the mixture), 3 (two-image
     questions and refusals, with replay of stage-2 data).
 
     Unlike the paper's stage 2, the vision encoder stays as stage 0 left it: trained along with
     the decoder at lr 5e-4, the tiny encoder lost the digits before the decoder had learned to
     read them (a linear probe for the digit on the projected features fell from 99.9% to 41-64%)."""
-    p = r.p
-    mix = mix or r.data("mix")
+    p, mix = r.p, r.data("mix")
     return {
         "alignment": stage({"projector": 3e-3}, [(r.data("align"), 1.0)], p, p.align_epochs),
         "instruction": stage({"projector": 2e-3, "decoder": 2e-3}, [(mix / "train", 1.0)], p,
@@ -147,8 +146,8 @@ def train_stages(r: Runner) -> dict[str, Any]:
 # ---- evaluation --------------------------------------------------------------------------------
 
 
-def evaluate(r: Runner, model: Path | None = None, out: Path | None = None, modes: tuple[str, ...] = MODES,
-             mix: Path | None = None) -> dict[str, Any]:
+def evaluate(r: Runner, model: Path | None = None, out: Path | None = None,
+             modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """The held-out split in each mode through `phi4rv eval`; the mode table from its records."""
     from phi4rv.eval.backends import LocalBackend
     from phi4rv.eval.report import write_report
@@ -157,7 +156,7 @@ def evaluate(r: Runner, model: Path | None = None, out: Path | None = None, mode
 
     out = out or r.out / "eval"
     cfg = RunConfig(out=out, tasks=[Synthetic()], modes=list(modes), limit=r.p.eval_limit, seed=r.seed,
-                    data_paths={"synthetic": (mix or r.data("mix")) / "heldout"}, max_new_tokens=r.p.max_new_tokens)
+                    data_paths={"synthetic": r.data("mix") / "heldout"}, max_new_tokens=r.p.max_new_tokens)
     run_eval(cfg, LocalBackend(model or r.model, batch_size=r.p.eval_batch))
     write_report([out], out / "report")
     return mode_table(out, modes)
