@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -90,15 +90,26 @@ class MarkerSplitter:
             out.append(Delta("thinking" if self.thinking else "answer", text))
 
 
+DETAILS = ("low", "high", "auto")
+LOW_DETAIL_PATCHES = 256
+
+
 class ChatModel:
     def __init__(self, model: Phi4RV, tokenizer: Tokenizer, image_cfg: ImageProcessorConfig, generation_config: dict):
         self.model = model
         self.tokenizer = tokenizer
-        self.image_cfg = image_cfg
+        self.image_cfg = image_cfg  # its max_num_patches is the default ("auto") patch budget
         self.generation_config = generation_config
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str | torch.dtype | None = None, device: str | None = None) -> ChatModel:
+    def load(
+        cls,
+        path: str | Path,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        max_num_patches: int | None = None,
+    ) -> ChatModel:
+        """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum)."""
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(path, dtype=dtype, device=device)
@@ -110,7 +121,23 @@ class ChatModel:
         image_cfg.patch_size = model.cfg.vision.patch_size
         gen = path / "generation_config.json"
         generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
-        return cls(model, tokenizer, image_cfg, generation_config)
+        cm = cls(model, tokenizer, image_cfg, generation_config)
+        if max_num_patches is not None:
+            cm.image_cfg.max_num_patches = cm.patch_budget(max_num_patches=max_num_patches)
+        return cm
+
+    def patch_budget(self, detail: str | None = None, max_num_patches: int | None = None) -> int:
+        """Most patches an image may use: OpenAI's `detail` (low = 256, high = the checkpoint's
+        maximum, auto = the default budget) or an explicit count (at most the checkpoint's maximum)."""
+        most = self.model.cfg.max_num_patches
+        if max_num_patches is not None:
+            if not 1 <= max_num_patches <= most:
+                raise ValueError(f"max_num_patches must be between 1 and the checkpoint's maximum {most}, "
+                                 f"got {max_num_patches}")
+            return max_num_patches
+        if detail not in (None, *DETAILS):
+            raise ValueError(f"image detail must be one of {', '.join(DETAILS)}, got {detail!r}")
+        return {"low": min(LOW_DETAIL_PATCHES, most), "high": most}.get(detail, self.image_cfg.max_num_patches)
 
     def stop_ids(self) -> tuple[int, ...]:
         eos = self.generation_config.get("eos_token_id", self.model.cfg.eos_token_id)
@@ -118,14 +145,26 @@ class ChatModel:
         ids.add(self.tokenizer.eos_id)
         return tuple(sorted(i for i in ids if i is not None))
 
-    def prepare(self, messages: list[dict], images: Sequence[ImageSource], mode: str) -> tuple[Request, dict]:
+    def prepare(
+        self,
+        messages: list[dict],
+        images: Sequence[ImageSource],
+        mode: str,
+        details: Sequence[str | None] | None = None,
+    ) -> tuple[Request, dict]:
+        """Messages (string contents with `<image>` tags, or OpenAI parts) and their images ->
+        a generation request; `details` gives each image's OpenAI detail (low / high / auto)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         t0 = time.perf_counter()
-        patches = [process_image(im, self.image_cfg) for im in images]
         enc = encode_chat(self.tokenizer, messages, mode=mode)
-        if enc.num_images != len(patches):
-            raise ValueError(f"the prompt has {enc.num_images} <image> tag(s) but {len(patches)} image(s) were given")
+        if enc.num_images != len(images):
+            raise ValueError(f"the prompt has {enc.num_images} <image> tag(s) but {len(images)} image(s) were given")
+        details = list(details) if details is not None else [None] * len(images)
+        patches = [
+            process_image(im, replace(self.image_cfg, max_num_patches=self.patch_budget(d)))
+            for im, d in zip(images, details, strict=True)
+        ]
         image_tokens = sum(p.grid[0] * p.grid[1] for p in patches)
         usage = {"prompt_tokens": len(enc.input_ids) - enc.num_images + image_tokens, "image_tokens": image_tokens}
         timing = {"preprocess": time.perf_counter() - t0}

@@ -90,7 +90,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from phi4rv.chat_model import ChatModel
     from phi4rv.generation.sampling import SamplingParams
 
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device)
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches)
     params = cm.params(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
@@ -151,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device)
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches)
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--thinking-budget", type=int, default=None, help="force </think> after N thinking tokens")
     s.add_argument("--top-logprobs", type=int, default=0)
+    s.add_argument("--max-num-patches", type=int, default=None, help="patch budget per image (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as stored")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--json", action="store_true", help="print one JSON object per answer")
@@ -219,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=4096, help="when a request sets no max_tokens")
     s.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR", help="serve image paths under DIR")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--max-num-patches", type=int, default=None,
+                   help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES))
     s.add_argument("--device", default=None)
     s.add_argument("--log-level", default="warning")

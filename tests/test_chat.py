@@ -13,6 +13,7 @@ from phi4rv.processing.chat import (
     mode_prefix,
     parse_box,
     parse_completion,
+    release_messages,
     render_chat,
     to_pixels,
 )
@@ -120,7 +121,7 @@ def test_image_chat_matches_transformers(tok, hf, template, add_generation_promp
     # transformers tokenizes "<image>" as text, while we cut the text there and put one IMAGE_TOKEN_ID
     # in its place, so the token sequences differ around the image. We compare what must agree:
     # the rendered text, and the assistant tokens (the image is in a user turn, so those are the same).
-    messages = ONE_IMAGE_PARTS if template is DEFAULT_CHAT_TEMPLATE else ONE_IMAGE_TEXT
+    messages = ONE_IMAGE_TEXT
     text = hf.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
     )
@@ -129,6 +130,7 @@ def test_image_chat_matches_transformers(tok, hf, template, add_generation_promp
 
     ids, mask = _hf_encode(hf, messages, template, add_generation_prompt)
     encoded = encode_chat(tok, messages, add_generation_prompt=add_generation_prompt, template=template)
+    assert encode_chat(tok, ONE_IMAGE_PARTS, add_generation_prompt=add_generation_prompt, template=template) == encoded
     assert encoded.num_images == 1
     assert encoded.input_ids.count(IMAGE_TOKEN_ID) == 1
     assert [i for i, m in zip(encoded.input_ids, encoded.assistant_mask) if m] == [i for i, m in zip(ids, mask) if m]
@@ -146,7 +148,8 @@ def test_default_template_structure(tok):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "image"},
                                      {"type": "text", "text": "Compare."}]},
     ]
-    text, spans = render_chat(DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt=True)
+    text, spans = render_chat(DEFAULT_CHAT_TEMPLATE, release_messages(messages, DEFAULT_CHAT_TEMPLATE),
+                              add_generation_prompt=True)
     assert text.startswith("<|im_start|>system<|im_sep|>You are")
     assert text.count("<|im_start|>system") == 1
     assert "\n\nBe brief.<|im_end|><|im_start|>user<|im_sep|><image>\n<image>\nCompare.<|im_end|>" in text

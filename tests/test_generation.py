@@ -6,7 +6,7 @@ import torch
 from hf_reference import hf_phi3
 from phi4rv.chat_model import ChatModel, MarkerSplitter
 from phi4rv.generation.generate import FORCED_CLOSE, GenerationParams, Request, generate, generate_stream
-from phi4rv.generation.sampling import SamplingParams
+from phi4rv.generation.sampling import SamplingParams, sample
 from phi4rv.model import Phi4RV, expand_image_tokens
 from phi4rv.processing.chat import encode_chat
 from phi4rv.processing.image import process_image
@@ -182,3 +182,11 @@ def test_chat_batch_equals_single_chats(cm, images_dir):
     for conv, r in zip(convs, batch):
         single = cm.chat(conv.messages, conv.images, conv.mode, greedy(8))
         assert (r.token_ids, r.answer, r.thinking, r.usage) == (single.token_ids, single.answer, single.thinking, single.usage)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1e-230), SamplingParams(temperature=1e-300),
+                                    SamplingParams(temperature=1e-300, top_p=1e-230, top_k=3)])
+def test_extreme_sampling_settings_pick_the_top_token(params):
+    # A top_p or temperature below float32's range used to turn every probability into nan (a 500 in serve).
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [7.0, 7.5, 0.0, -3.0]])
+    assert sample(logits, params).tolist() == [1, 1]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN, THINK_START
+from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN, THINK_START, content_text
 
 ImageRef = Union[bytes, str]  # encoded bytes, or a path to a file
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -113,20 +113,16 @@ def _from_openai(rec: dict, root: Path, idx: int) -> Sample:
     messages, images = [], []
     for m in rec["messages"]:
         content = m["content"]
-        if isinstance(content, list):
-            text = ""
-            for part in content:
-                kind = part.get("type")
-                if kind == "text":
-                    text += part["text"]
-                elif kind in ("image_url", "image"):
-                    url = part["image_url"]["url"] if kind == "image_url" else part.get("image", part.get("path"))
-                    images.append(_image_from_url(url, root))
-                    text += IMAGE_TOKEN + "\n"
-                else:
-                    raise DatasetFormatError(f"sample {rec.get('id', idx)}: unknown content part {kind!r}")
-            content = text
-        messages.append({"role": m["role"], "content": content})
+        try:
+            text = content_text(content)
+        except ValueError as e:
+            raise DatasetFormatError(f"sample {rec.get('id', idx)}: {e}") from None
+        for part in content if isinstance(content, list) else ():
+            if part["type"] == "image_url":
+                images.append(_image_from_url(part["image_url"]["url"], root))
+            elif part["type"] == "image":
+                images.append(_image_from_url(part.get("image", part.get("path")), root))
+        messages.append({"role": m["role"], "content": text})
     meta = {k: v for k, v in rec.items() if k not in ("id", "messages")}
     return Sample(str(rec.get("id", idx)), messages, images, meta)
 

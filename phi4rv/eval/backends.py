@@ -72,13 +72,14 @@ class LocalBackend:
         dtype: str | None = None,
         device: str | None = None,
         warmup: bool = True,
+        max_num_patches: int | None = None,
     ):
         from phi4rv.chat_model import ChatModel
 
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.model_dir = Path(model_dir)
-        self.cm = ChatModel.load(model_dir, dtype=dtype, device=device)
+        self.cm = ChatModel.load(model_dir, dtype=dtype, device=device, max_num_patches=max_num_patches)
         self.batch_size = batch_size
         self.thinking_budget = thinking_budget
         self.warmup = warmup
@@ -88,7 +89,8 @@ class LocalBackend:
         return {"kind": "local", "model": str(self.model_dir.resolve())}
 
     def settings(self) -> dict[str, Any]:
-        return {"thinking_budget": self.thinking_budget, "temperature": 0}
+        return {"thinking_budget": self.thinking_budget, "temperature": 0,
+                "max_num_patches": self.cm.image_cfg.max_num_patches}
 
     def runtime(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "device": str(self.cm.model.device),

@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         from phi4rv.eval.backends import LocalBackend
 
         backend = LocalBackend(args.model, batch_size=args.batch_size, thinking_budget=args.thinking_budget,
-                               dtype=args.dtype, device=args.device, warmup=not args.no_warmup)
+                               dtype=args.dtype, device=args.device, warmup=not args.no_warmup,
+                               max_num_patches=args.max_num_patches)
     else:
         from phi4rv.eval.backends import HTTPBackend
 
@@ -179,6 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up generation")
     s.add_argument("--batch-size", type=int, default=1, help="--model: queries per batch (1 = the paper's timing)")
     s.add_argument("--thinking-budget", type=int, default=None, help="--model: force </think> after N tokens")
+    s.add_argument("--max-num-patches", type=int, default=None,
+                   help="--model: patch budget per image (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default=None)
     s.add_argument("--concurrency", type=int, default=1, help="--endpoint: requests in flight")

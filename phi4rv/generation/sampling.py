@@ -26,7 +26,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [B, V] -> token ids [B]."""
     if params.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shifted first and the temperature kept within float32, so a tiny temperature gives 0 and
+    # -inf instead of nan.
+    logits = (logits - logits.max(-1, keepdim=True).values) / max(params.temperature, 1e-30)
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -34,6 +37,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        drop[:, 0] = False  # and always the top token (a top_p below float32's range rounds to 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)

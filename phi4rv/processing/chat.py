@@ -36,23 +36,8 @@ Mode = Literal["auto", "think", "nothink"]
 # Our own template with the release's structure: a fixed system turn that explains the two modes
 # (a user's system message is appended to it), then `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`
 # per turn with nothing between turns, each assistant turn's content and <|im_end|> inside a
-# generation block. Content is a string or OpenAI-style parts; an image part renders as "<image>\n".
+# generation block. Like the release's template it sees string contents only (`release_messages`).
 DEFAULT_CHAT_TEMPLATE = """\
-{%- macro render_content(content) -%}
-{%- if content is string -%}
-{{- content -}}
-{%- else -%}
-{%- for part in content -%}
-{%- if part.type == "text" -%}
-{{- part.text -}}
-{%- elif part.type in ("image", "image_url") -%}
-{{- "<image>\\n" -}}
-{%- else -%}
-{{- raise_exception("unsupported content part type: " ~ part.type) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{%- endmacro -%}
 {%- set system = "You are a helpful assistant that understands images and text. \
 You answer in one of two ways. For a question that needs careful, step-by-step work, such as math, \
 science or a chart that must be read closely, first reason inside <think> and </think>, then write \
@@ -61,7 +46,7 @@ image, reading its text or locating an element, answer directly, without a reaso
 Keep final answers short and precise." -%}
 {%- set turns = messages -%}
 {%- if messages and messages[0].role == "system" -%}
-{%- set system = system ~ "\\n\\n" ~ render_content(messages[0].content) -%}
+{%- set system = system ~ "\\n\\n" ~ messages[0].content -%}
 {%- set turns = messages[1:] -%}
 {%- endif -%}
 {{- "<|im_start|>system<|im_sep|>" ~ system ~ "<|im_end|>" -}}
@@ -69,10 +54,10 @@ Keep final answers short and precise." -%}
 {%- if message.role == "assistant" -%}
 {{- "<|im_start|>assistant<|im_sep|>" -}}
 {%- generation -%}
-{{- render_content(message.content) ~ "<|im_end|>" -}}
+{{- message.content ~ "<|im_end|>" -}}
 {%- endgeneration -%}
 {%- else -%}
-{{- "<|im_start|>" ~ message.role ~ "<|im_sep|>" ~ render_content(message.content) ~ "<|im_end|>" -}}
+{{- "<|im_start|>" ~ message.role ~ "<|im_sep|>" ~ message.content ~ "<|im_end|>" -}}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
@@ -163,6 +148,70 @@ def render_chat(
     return "".join(pieces), spans
 
 
+IMAGE_PART_TYPES = ("image", "image_url")
+TEXT_PART_TYPES = ("text",)
+_SYSTEM_ROLES = ("system", "developer")
+_PROBE = "phi4rv-system-probe-7f3a"
+
+
+@lru_cache(maxsize=32)
+def template_renders_system(template: str) -> bool:
+    """Whether `template` shows a system message's text (the release's template drops system turns)."""
+    messages = [{"role": "system", "content": _PROBE}, {"role": "user", "content": "u"}]
+    return _PROBE in render_chat(template, messages, add_generation_prompt=True)[0]
+
+
+def content_text(content: Any) -> str:
+    """A message content as the release's processor expects it: a string in which each image is
+    `<image>\\n` at its place. Text parts are joined as they are; other part types are refused."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    text = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PART_TYPES:
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"a {kind} part needs a string 'text'")
+            text.append(part["text"])
+        elif kind in IMAGE_PART_TYPES:
+            text.append(IMAGE_TOKEN + "\n")
+        else:
+            raise ValueError(f"unsupported content part type: {kind!r}")
+    return "".join(text)
+
+
+def release_messages(messages: list[dict], template: str) -> list[dict]:
+    """Messages in the release's contract, whatever form they came in (OpenAI parts, strings).
+
+    Every content becomes a string with one `<image>\\n` per image at its place (`content_text`).
+    `developer` turns are system turns. A template that does not show system turns (the
+    release's) would drop them silently, so their text goes in front of the first user turn
+    instead (or becomes a user turn of its own when no user turn follows).
+    """
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise TypeError(f"each message must be a dict, got {type(m).__name__}")
+        role = m.get("role")
+        if not isinstance(role, str):
+            raise ValueError("each message needs a string 'role'")
+        role = "system" if role in _SYSTEM_ROLES else role
+        out.append({**m, "role": role, "content": content_text(m.get("content"))})
+    if any(m["role"] == "system" for m in out) and not template_renders_system(template):
+        system = "\n\n".join(m["content"] for m in out if m["role"] == "system")
+        out = [m for m in out if m["role"] != "system"]
+        first_user = next((i for i, m in enumerate(out) if m["role"] == "user"), None)
+        if first_user is None:
+            out.insert(0, {"role": "user", "content": system})
+        else:
+            out[first_user] = {**out[first_user], "content": system + "\n\n" + out[first_user]["content"]}
+    return out
+
+
 def mode_prefix(mode: Mode) -> str:
     """What follows the generation prompt in each mode: nothing, `<think>`, or the nothink marker."""
     if mode not in MODES:
@@ -184,7 +233,7 @@ def encode_chat(
     add_generation_prompt: bool = True,
     template: str | None = None,
 ) -> EncodedChat:
-    """Render and tokenize a conversation.
+    """Render and tokenize a conversation (contents in any form `release_messages` accepts).
 
     The template is `template`, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE. The mode
     prefix is appended only after a generation prompt. A token is assistant iff its characters
@@ -193,7 +242,11 @@ def encode_chat(
     """
     prefix = mode_prefix(mode)
     template = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
-    text, spans = render_chat(template, messages, add_generation_prompt, **tokenizer.special_tokens())
+    messages = release_messages(messages, template)
+    try:
+        text, spans = render_chat(template, messages, add_generation_prompt, **tokenizer.special_tokens())
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template: {e}") from None
     if add_generation_prompt:
         text += prefix
 

@@ -120,24 +120,19 @@ def _image_bytes(url: str, s: ServeSettings) -> bytes:
     return path.read_bytes()
 
 
-def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict], list[bytes]]:
-    messages, images = [], []
+def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict], list[bytes], list[str | None]]:
+    """The request's messages (OpenAI parts as they came), its images' bytes and their `detail`."""
+    messages, urls, details = [], [], []
     for m in req.messages:
-        role = "system" if m.role == "developer" else m.role
         if isinstance(m.content, list):
-            parts = []
             for part in m.content:
-                if isinstance(part, P.TextPart):
-                    parts.append({"type": "text", "text": part.text})
-                else:
-                    images.append(part.image_url.url)
-                    parts.append({"type": "image"})
-            messages.append({"role": role, "content": parts})
-        else:
-            messages.append({"role": role, "content": m.content or ""})
-    if len(images) > s.max_images:
-        raise APIError(400, f"too many images: {len(images)} > {s.max_images}", param="messages")
-    return messages, [_image_bytes(u, s) for u in images]
+                if isinstance(part, P.ImagePart):
+                    urls.append(part.image_url.url)
+                    details.append(part.image_url.detail)
+        messages.append(m.model_dump(include={"role", "content"}))
+    if len(urls) > s.max_images:
+        raise APIError(400, f"too many images: {len(urls)} > {s.max_images}", param="messages")
+    return messages, [_image_bytes(u, s) for u in urls], details
 
 
 def _logprobs(tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None) -> dict:
@@ -214,9 +209,9 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         if body.n != 1:
             raise APIError(400, "n > 1 is not supported", param="n")
         mode = P.mode_for(body.reasoning_effort)
-        messages, images = _messages(body, settings)
+        messages, images, details = _messages(body, settings)
         try:
-            prepared, info = await run_in_threadpool(cm.prepare, messages, images, mode)
+            prepared, info = await run_in_threadpool(cm.prepare, messages, images, mode, details)
         except ImageError as e:
             raise APIError(400, str(e), param="messages") from None
         except ValueError as e:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 class ImageURL(BaseModel):
     url: StrictStr
-    detail: str | None = None
+    detail: Literal["low", "high", "auto"] | None = None  # patch budget: 256 / the checkpoint's max / default
 
 
 class TextPart(BaseModel):
