@@ -265,3 +265,14 @@ def test_box_center_and_pixels():
     x, y = box_center(box)
     assert x == pytest.approx(0.2) and y == pytest.approx(0.4)
     assert to_pixels(box, 1000, 500) == pytest.approx((100.0, 100.0, 300.0, 300.0))
+
+
+def test_patch_budget_from_detail_and_max_num_patches(tiny_ckpt):
+    from phi4rv.chat_model import ChatModel
+
+    cm = ChatModel.load(tiny_ckpt, device="cpu", max_num_patches=64)  # the tiny preset allows 16..256
+    assert (cm.patch_budget("low"), cm.patch_budget("high"), cm.patch_budget("auto"), cm.patch_budget()) == (256, 256, 64, 64)
+    with pytest.raises(ValueError, match="detail"):
+        cm.patch_budget("medium")
+    with pytest.raises(ValueError, match="maximum 256"):
+        ChatModel.load(tiny_ckpt, device="cpu", max_num_patches=257)

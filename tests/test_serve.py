@@ -4,11 +4,13 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import httpx
 import openai
@@ -321,3 +323,34 @@ def test_server_usage_matches_processing(server, images_dir, tiny_ckpt):
     r = server.client().chat.completions.create(
         model="tiny", messages=user("?", data_uri(images_dir / "photo.jpg", "image/jpeg")), max_tokens=1)
     assert r.usage.prompt_tokens_details.model_dump()["image_tokens"] == grid[0] * grid[1]
+
+
+@pytest.mark.parametrize("content, match", [
+    ([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}], "messages"),
+    ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "ultra"}}], "detail"),
+    ("<image>\n<image>\nTwo tags, no image", "<image> tag"),
+])
+def test_bad_content_is_a_400(server, content, match):
+    r = post(server, {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    assert r.status_code == 400 and match in r.json()["error"]["message"] + str(r.json()["error"]["param"]), r.text
+
+
+def test_image_detail_sets_the_patch_budget(images_dir, tiny_ckpt, tmp_path):
+    # A checkpoint allowing 1024 patches, served with a default budget of 64: low = 256, high = 1024.
+    ckpt = tmp_path / "wide"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "max_num_patches": 1024}))
+    cm = ChatModel.load(ckpt, device="cpu")
+    budgets = {"low": 256, "high": 1024, "auto": 64, None: 64}
+    url = data_uri(images_dir / "photo.jpg", "image/jpeg")
+    server = Server(ckpt, "--max-num-patches", 64)
+    try:
+        for detail, budget in budgets.items():
+            h, w = process_image(images_dir / "photo.jpg", replace(cm.image_cfg, max_num_patches=budget)).grid
+            image = {"url": url, **({"detail": detail} if detail else {})}
+            r = server.client().chat.completions.create(
+                model="tiny", max_tokens=1, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": image}]}])
+            assert r.usage.prompt_tokens_details.model_dump()["image_tokens"] == h * w <= budget
+    finally:
+        server.stop()

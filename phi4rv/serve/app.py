@@ -168,7 +168,8 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
+        # The deepest error names the field best (a union such as `content` reports every branch).
+        err = max(e.errors(), key=lambda x: len(x.get("loc", ())), default={})
         if err.get("type") == "json_invalid":
             metrics.errors.labels("invalid_request_error").inc()
             return JSONResponse(P.error_body("request body is not valid JSON"), status_code=400)
