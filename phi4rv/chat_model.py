@@ -168,7 +168,7 @@ class ChatModel:
         image_tokens = sum(p.grid[0] * p.grid[1] for p in patches)
         usage = {"prompt_tokens": len(enc.input_ids) - enc.num_images + image_tokens, "image_tokens": image_tokens}
         timing = {"preprocess": time.perf_counter() - t0}
-        return Request(enc.input_ids, patches, thinking=mode == "think"), {"usage": usage, "timing": timing}
+        return Request(enc.input_ids, patches, mode=mode), {"usage": usage, "timing": timing}
 
     def params(self, **kw) -> GenerationParams:
         kw.setdefault("stop_ids", self.stop_ids())

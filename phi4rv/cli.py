@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(cm, settings)
     engine = app.state.engine
     print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
-          f"({engine.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.cache.nbytes / 2**20:.1f} MiB)",
+          f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
 

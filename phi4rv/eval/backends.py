@@ -148,7 +148,7 @@ class LocalBackend:
                 usage = info["usage"]
                 replies[i] = Reply(
                     output=text[k],
-                    in_thinking=request.thinking,
+                    in_thinking=request.mode == "think",
                     finish_reason=finish[k],
                     tokens={"prompt": usage["prompt_tokens"], "image": usage["image_tokens"], "thinking": thinking[k],
                             "answer": count[k] - thinking[k], "output": count[k]},

@@ -30,7 +30,7 @@ from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.chat import parse_completion
 from phi4rv.processing.image import ImageError
 from phi4rv.serve import protocol as P
-from phi4rv.serve.engine import Engine, EngineRequest, QueueFull
+from phi4rv.serve.engine import Engine, EngineRequest, QueueFull, ShuttingDown
 
 
 @dataclass
@@ -246,6 +246,8 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         except QueueFull as e:
             metrics.requests.labels("rejected").inc()
             raise APIError(503, f"server busy: {e}", "server_busy", headers={"Retry-After": "1"}) from None
+        except ShuttingDown as e:
+            raise APIError(503, str(e), "server_busy") from None
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         metrics.prompt_tokens.inc(usage["prompt_tokens"])
@@ -292,6 +294,9 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         except TimeoutError as e:
             metrics.requests.labels("timeout").inc()
             raise APIError(504, str(e), "timeout") from None
+        except ShuttingDown as e:
+            metrics.requests.labels("error").inc()
+            raise APIError(503, str(e), "server_busy") from None
         except Exception as e:
             metrics.requests.labels("error").inc()
             raise APIError(500, f"generation failed: {e}", "server_error") from None

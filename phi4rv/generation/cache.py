@@ -1,0 +1,78 @@
+"""KV memory for generation: a fixed set of slots, each holding one sequence at its own length.
+
+The decoder sees any cache through two calls (`update`, `advance`, see `model.decoder.Cache`);
+`SlotCache` adds `bind` (which slots the next forward runs) so that sequences of different
+lengths, joining and leaving at any step, share one preallocated block. A paged cache would
+implement the same calls over pages instead of rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phi4rv.config import DecoderConfig
+
+
+class SlotCache:
+    """Keys/values for `slots` sequences: [slots, kv_heads, slot_len, head_dim] per layer."""
+
+    def __init__(self, cfg: DecoderConfig, slots: int, slot_len: int, device, dtype):
+        shape = (slots, cfg.num_key_value_heads, slot_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.lengths = [0] * slots
+        self.slot_len = slot_len
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def bind(self, slots: list[int], new: list[int] | None = None) -> None:
+        """The next forward runs these slots' rows; `new[i]` tokens are written for row i (its real
+        length in a right-padded batch; default: the whole step)."""
+        self.slots = slots
+        self.rows = torch.tensor(slots, device=self.device)
+        self.starts = torch.tensor([self.lengths[s] for s in slots], device=self.device)
+        self.new = new
+        # Consecutive slots are read as a view; any other set is gathered (a copy).
+        first = slots[0]
+        self.span = slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        end = max(self.lengths[s] for s in self.slots) + t
+        if end > self.slot_len:
+            raise ValueError(f"KV cache slot full: {end} > {self.slot_len} positions")
+        pos = self.starts[:, None] + torch.arange(t, device=self.device)  # [B, T]
+        self.k[layer][self.rows[:, None], :, pos] = k.transpose(1, 2)
+        self.v[layer][self.rows[:, None], :, pos] = v.transpose(1, 2)
+        if self.span is not None:
+            return self.k[layer][self.span, :, :end], self.v[layer][self.span, :, :end]
+        return self.k[layer][self.rows, :, :end], self.v[layer][self.rows, :, :end]
+
+    def advance(self, n: int) -> None:
+        for i, s in enumerate(self.slots):
+            self.lengths[s] += n if self.new is None else self.new[i]
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def copy_prefix(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Start `slot` with stored keys/values ([kv_heads, n, head_dim] per layer) of a prompt prefix."""
+        n = k[0].shape[1]
+        for layer in range(len(self.k)):
+            self.k[layer][slot, :, :n] = k[layer]
+            self.v[layer][slot, :, :n] = v[layer]
+        self.lengths[slot] = n
+
+    def read_prefix(self, slot: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [t[slot, :, :n].clone() for t in self.k], [t[slot, :, :n].clone() for t in self.v]
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """[B, 1, 1, S] for one new token per bound slot; None when every row has the same length."""
+        lengths = self.starts + 1
+        if bool((lengths == lengths[0]).all()):
+            return None
+        k_pos = torch.arange(int(lengths.max()), device=self.device)
+        return (k_pos[None, :] < lengths[:, None])[:, None, None, :]

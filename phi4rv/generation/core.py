@@ -1,0 +1,421 @@
+"""The generation core: one prefill, one decode step and one token picker over a slot cache.
+
+`generate` (chat, eval, training's evaluation) and the server's engine both drive a `Core`:
+`admit` puts sequences into free slots (their images encoded together in one packed vision call,
+their prompts prefilled together in one right-padded forward, a stored prompt prefix reused),
+`step` runs one decode step for any set of running sequences, `release` frees a slot. Every
+token, in both, is chosen by `pick`: forced tokens (a spent thinking budget), the mode's
+constraints, then greedy or sampling, with log-probabilities of the model's distribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from phi4rv.generation.cache import SlotCache
+from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
+from phi4rv.model.vlm import IMAGE_TOKEN_ID, Phi4RV, attention_mask, expand_image_tokens, image_segment_ids
+from phi4rv.processing.chat import MODES, THINK_END, THINK_START
+from phi4rv.processing.image import ImagePatches
+from phi4rv.processing.tokenizer import StreamDecoder, Tokenizer
+
+FORCED_CLOSE = "\n</think>\n\n"  # what a spent thinking budget makes the model write
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_LENGTH = 256  # characters per stop string
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 512
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    thinking_budget: int | None = None  # max tokens inside <think> before </think> is forced
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.thinking_budget is not None and self.thinking_budget < 0:
+            raise ValueError(f"thinking_budget must be >= 0, got {self.thinking_budget}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
+        if any(len(s) > MAX_STOP_LENGTH for s in self.stop_strings):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_LENGTH} characters")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+
+
+@dataclass
+class Request:
+    input_ids: list[int]  # prompt ids; IMAGE_TOKEN_ID once per image (not yet expanded)
+    images: list[ImagePatches] = field(default_factory=list)
+    mode: str = "auto"  # the prompt's mode: "think" opened <think>, "nothink" wrote the nothink marker
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def prompt_len(self) -> int:
+        """Positions after each image placeholder is widened to its patch grid."""
+        return len(self.input_ids) + sum(h * w - 1 for h, w in (im.grid for im in self.images))
+
+
+@dataclass
+class TokenEvent:
+    row: int
+    token_id: int
+    text: str  # new text made visible by this token (may be "")
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None
+    thinking: bool  # this token was generated inside <think> … </think>
+    finish_reason: str | None = None  # "stop" | "length" once the row is done
+
+
+class Markers:
+    """The think markers as token ids, where the tokenizer has them as single tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        def single(text: str) -> int | None:
+            ids = tokenizer.encode(text)
+            return ids[0] if len(ids) == 1 else None
+
+        self.open = single(THINK_START)
+        self.close = single(THINK_END)
+        # Without single-token markers, the first piece of `<think>` is what starts a reasoning block.
+        self.open_start = tokenizer.encode(THINK_START)[0]
+        self.forced_close = tokenizer.encode(FORCED_CLOSE)
+
+
+class SequenceState:
+    """Text-level state of one sequence: visible text, stop strings, thinking, forced tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, params: GenerationParams, mode: str, markers: Markers):
+        self.decoder = StreamDecoder(tokenizer)
+        self.params = params
+        self.mode = mode
+        self.markers = markers
+        self.text = ""
+        self.emitted = 0
+        self.thinking = mode == "think"
+        self.thought = False  # some non-space text was written inside <think>
+        self.closed = False  # </think> has been written
+        self.thinking_tokens = 0
+        self.forced: list[int] = []
+        self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
+        self.n = 0
+
+    def banned(self) -> list[int]:
+        """Tokens that would leave a forced mode: no reasoning block in nothink; in think, no second
+        `<think>`, no empty reasoning, and no reasoning again after `</think>`. Auto is free."""
+        m = self.markers
+        if self.mode == "nothink":
+            if m.open is not None:
+                return [t for t in (m.open, m.close) if t is not None]
+            return [m.open_start] if not self.text.strip() else []
+        if self.mode == "think":
+            out = [m.open] if m.open is not None else []
+            if m.close is not None and (not self.thought or self.closed):
+                out.append(m.close)
+            return out
+        return []
+
+    def push(self, token: int) -> tuple[str, bool, str | None]:
+        """Account for `token`; returns (visible text delta, was thinking, finish reason)."""
+        was_thinking = self.thinking
+        self.n += 1
+        if was_thinking:
+            self.thinking_tokens += 1
+        finish = None
+        if token in self.params.stop_ids:
+            finish = "stop"
+        else:
+            piece = self.decoder.push(token)
+            self.text += piece
+            if self.thinking and piece.strip() and THINK_END not in piece:
+                self.thought = True
+            if not self.thinking and not self.closed and self.text.lstrip().startswith(THINK_START):
+                self.thinking = True  # auto mode: the model chose to think
+            elif self.thinking and THINK_END in self.text:
+                self.thinking, self.closed = False, True
+            # A stop string can only end in the last piece: search the tail, not the whole text.
+            tail = len(piece) + self.holdback
+            cut = min((i for s in self.params.stop_strings if (i := self.text.find(s, max(0, len(self.text) - tail - len(s)))) >= 0),
+                      default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                finish = "stop"
+        if finish is None and self.n >= self.params.max_new_tokens:
+            finish = "length"
+        if finish is None and self.thinking and not self.forced:
+            budget = self.params.thinking_budget
+            if budget is not None and self.thinking_tokens >= budget:
+                self.forced = list(self.markers.forced_close)
+        if finish is not None:
+            if finish == "length" or token not in self.params.stop_ids:
+                self.text += self.decoder.flush()
+            end = len(self.text)
+        else:
+            end = max(self.emitted, len(self.text) - self.holdback)
+        delta, self.emitted = self.text[self.emitted : end], end
+        return delta, was_thinking, finish
+
+
+@dataclass
+class Sequence:
+    """One request in a `Core`: its slot, its text state and the token it feeds next."""
+
+    request: Request
+    params: GenerationParams
+    row: int = 0  # the caller's index, echoed in events
+    slot: int = -1
+    state: SequenceState | None = None
+    generator: torch.Generator | None = None
+    token: int = 0
+    finished: bool = False
+
+
+def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
+    """The next token of each sequence ([B, V] logits, one row per sequence), as events."""
+    raw = logits = logits.float()
+    banned = [s.state.banned() for s in seqs]
+    if any(banned):
+        logits = logits.clone()
+        for i, ids in enumerate(banned):
+            if ids:
+                logits[i, ids] = float("-inf")
+    if all(s.params.sampling.temperature == 0 for s in seqs):
+        tokens = logits.argmax(-1)
+    else:
+        tokens = torch.stack([sample(logits[i : i + 1], s.params.sampling, s.generator)[0] for i, s in enumerate(seqs)])
+    forced = [s.state.forced.pop(0) if s.state.forced else None for s in seqs]
+    if any(f is not None for f in forced):
+        tokens = torch.tensor([f if f is not None else int(t) for f, t in zip(forced, tokens)], device=logits.device)
+    top = max(s.params.top_logprobs for s in seqs)
+    chosen, top_v, top_i = token_logprobs(raw, tokens, top)
+    events = []
+    for i, s in enumerate(seqs):
+        token = int(tokens[i])
+        tops = None
+        if s.params.top_logprobs:
+            n = s.params.top_logprobs
+            tops = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist()))
+        text, was_thinking, finish = s.state.push(token)
+        s.token, s.finished = token, finish is not None
+        events.append(TokenEvent(s.row, token, text, float(chosen[i]), tops, was_thinking, finish))
+    return events
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def image_hash(im: ImagePatches) -> bytes:
+    return hashlib.blake2b(im.pixels.numpy().tobytes() + str(im.grid).encode(), digest_size=16).digest()
+
+
+class PrefixStore:
+    """Keys/values of prompt prefixes, reused by later prompts that start the same way.
+
+    A prompt is cut into blocks of `block` positions; a block's key hashes its ids, the content of
+    the images whose patches it holds and the key of the block before it, so two prompts share a
+    block only if everything up to it is the same (the same placeholder ids with other images
+    never match). Entries are kept least-recently-used first, within `max_bytes`.
+    """
+
+    def __init__(self, max_bytes: int, block: int = 32):
+        self.max_bytes, self.block = max_bytes, block
+        self.entries: OrderedDict[bytes, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.lookups = 0  # prompt positions served from the store / looked up
+
+    def keys(self, ids: list[int], images: list[ImagePatches]) -> list[bytes]:
+        """One key per whole block of the expanded prompt, except a block holding its last position
+        (that one must be computed: its logits pick the first token)."""
+        hashes = [image_hash(im) for im in images]
+        owner: list[int] = []  # image index per position (-1 for text)
+        k = 0
+        for t in ids:
+            if t == IMAGE_TOKEN_ID:
+                h, w = images[k].grid
+                owner += [k] * (h * w)
+                k += 1
+            else:
+                owner.append(-1)
+        full = expand_image_tokens(ids, [im.grid for im in images])
+        out, prev = [], b""
+        for start in range(0, len(full) - 1 - self.block + 1, self.block):
+            end = start + self.block
+            seen = sorted({o for o in owner[start:end] if o >= 0})
+            h = hashlib.blake2b(prev + torch.tensor(full[start:end]).numpy().tobytes()
+                                + b"".join(hashes[o] for o in seen), digest_size=16).digest()
+            out.append(h)
+            prev = h
+        return out
+
+    def longest(self, keys: list[bytes]) -> int:
+        """How many leading blocks of `keys` are stored."""
+        n = 0
+        for key in keys:
+            if key not in self.entries:
+                break
+            self.entries.move_to_end(key)
+            n += 1
+        return n
+
+    def get(self, keys: list[bytes]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        blocks = [self.entries[key] for key in keys]
+        layers = len(blocks[0][0])
+        return ([torch.cat([b[0][i] for b in blocks], dim=1) for i in range(layers)],
+                [torch.cat([b[1][i] for b in blocks], dim=1) for i in range(layers)])
+
+    def put(self, keys: list[bytes], cache: SlotCache, slot: int) -> None:
+        for j, key in enumerate(keys):
+            if key in self.entries:
+                continue
+            a, b = j * self.block, (j + 1) * self.block
+            k = [t[slot, :, a:b].clone() for t in cache.k]
+            v = [t[slot, :, a:b].clone() for t in cache.v]
+            size = sum(x.numel() * x.element_size() for x in k + v)
+            if size > self.max_bytes:
+                return
+            while self.nbytes + size > self.max_bytes:
+                _, (ok, ov) = self.entries.popitem(last=False)
+                self.nbytes -= sum(x.numel() * x.element_size() for x in ok + ov)
+            self.entries[key] = (k, v)
+            self.nbytes += size
+
+
+class Core:
+    def __init__(self, model: Phi4RV, tokenizer: Tokenizer, slots: int, slot_len: int, prefix_bytes: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = SlotCache(model.cfg.decoder, slots, slot_len, model.device, model.dtype)
+        self.free = list(range(slots))[::-1]
+        self.markers = Markers(tokenizer)
+        self.slack = len(self.markers.forced_close)  # room for a forced </think>
+        self.prefixes = PrefixStore(prefix_bytes) if prefix_bytes > 0 else None
+        self.timing: dict[str, float] = {}
+
+    @property
+    def slot_len(self) -> int:
+        return self.cache.slot_len
+
+    def check_fits(self, request: Request, params: GenerationParams) -> None:
+        if request.prompt_len == 0:
+            raise ValueError("empty prompt")
+        if request.prompt_len + params.max_new_tokens + self.slack > self.slot_len:
+            raise ValueError(
+                f"prompt ({request.prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"context of {self.slot_len} tokens"
+            )
+
+    def admit(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """Prefill `seqs` into free slots and pick their first tokens."""
+        if len(seqs) > len(self.free):
+            raise ValueError(f"{len(seqs)} sequences but {len(self.free)} free slots")
+        model, device = self.model, self.model.device
+        for s in seqs:
+            self.check_fits(s.request, s.params)
+            s.slot = self.free.pop()
+            s.state = SequenceState(self.tokenizer, s.params, s.request.mode, self.markers)
+            if s.params.seed is not None:
+                s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
+
+        t0 = time.perf_counter()
+        images = [im for s in seqs for im in s.request.images]
+        feats = None
+        if images:
+            feats = model.encode_images(torch.cat([im.pixels for im in images]).to(device), [im.grid for im in images])
+        _sync(device)
+        self.timing["vision"] = self.timing.get("vision", 0.0) + time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ids, keys, starts, offset = [], [], [], 0
+        for s in seqs:
+            grids = [im.grid for im in s.request.images]
+            full = expand_image_tokens(s.request.input_ids, grids)
+            n = sum(h * w for h, w in grids)
+            row_feats = feats[offset : offset + n] if n else None
+            offset += n
+            start, row_keys = 0, []
+            if self.prefixes is not None:
+                row_keys = self.prefixes.keys(s.request.input_ids, s.request.images)
+                hit = self.prefixes.longest(row_keys)
+                if model.cfg.image_bidirectional_attention:  # a reused prefix may not cut an image
+                    while hit and full[hit * self.prefixes.block - 1] == IMAGE_TOKEN_ID \
+                            and full[hit * self.prefixes.block] == IMAGE_TOKEN_ID:
+                        hit -= 1
+                self.prefixes.lookups += len(full)
+                if hit:
+                    self.cache.copy_prefix(s.slot, *self.prefixes.get(row_keys[:hit]))
+                    start = hit * self.prefixes.block
+                    self.prefixes.hits += start
+            ids.append((full, row_feats, start))
+            keys.append(row_keys)
+            starts.append(start)
+        logits = self._prefill(seqs, ids)
+        _sync(device)
+        self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
+        if self.prefixes is not None:
+            for s, row_keys in zip(seqs, keys):
+                self.prefixes.put(row_keys, self.cache, s.slot)
+        return pick(logits, seqs)
+
+    def _prefill(self, seqs: list[Sequence], rows: list[tuple[list[int], torch.Tensor | None, int]]) -> torch.Tensor:
+        """One right-padded forward over every prompt's uncached part; [B, V] logits at each last position."""
+        model, device = self.model, self.model.device
+        lens = [len(full) - start for full, _, start in rows]
+        t = max(lens)
+        input_ids = torch.zeros((len(rows), t), dtype=torch.long, device=device)
+        for i, (full, _, start) in enumerate(rows):
+            input_ids[i, : lens[i]] = torch.tensor(full[start:], device=device)
+        x = model.decoder.embed_tokens(input_ids.clamp(min=0))
+        for i, (full, row_feats, start) in enumerate(rows):
+            if row_feats is not None:  # the row's image positions, minus those already cached
+                is_image = torch.tensor(full, device=device) == IMAGE_TOKEN_ID
+                x[i, : lens[i]][is_image[start:]] = row_feats[int(is_image[:start].sum()) :].to(x.dtype)
+        starts = torch.tensor([start for _, _, start in rows], device=device)
+        positions = starts[:, None] + torch.arange(t, device=device)
+        mask = None
+        bidirectional = model.cfg.image_bidirectional_attention and any(f is not None for _, f, _ in rows)
+        if bidirectional or bool((starts > 0).any()):
+            s_len = int(starts.max()) + t
+            k_pos = torch.arange(s_len, device=device)
+            mask = (k_pos[None, None, :] <= positions[:, :, None])  # [B, T, S] causal from each row's start
+            if bidirectional:
+                image_ids = torch.zeros((len(rows), s_len), dtype=torch.long, device=device)
+                for i, (full, f, start) in enumerate(rows):
+                    if f is not None:
+                        row = torch.tensor(full, device=device)[None]
+                        grids = [im.grid for im in seqs[i].request.images]
+                        image_ids[i, : len(full)] = image_segment_ids(row, [h * w for h, w in grids])[0]
+                q_img = image_ids.gather(1, positions.clamp(max=s_len - 1))
+                mask |= (q_img[:, :, None] == image_ids[:, None, :]) & (q_img[:, :, None] > 0)
+            mask = mask[:, None]
+        self.cache.bind([s.slot for s in seqs], new=lens)
+        h = model.decoder(x, positions, mask, self.cache)
+        return model.decoder.lm_head(h[torch.arange(len(rows), device=device), torch.tensor(lens, device=device) - 1])
+
+    def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """One decode step: each sequence feeds its last token and gets its next."""
+        model, device = self.model, self.model.device
+        self.cache.bind([s.slot for s in seqs])
+        tokens = torch.tensor([[s.token] for s in seqs], device=device)
+        h = model.decoder(model.decoder.embed_tokens(tokens), self.cache.starts[:, None], self.cache.decode_mask(), self.cache)
+        return pick(model.decoder.lm_head(h[:, -1]), seqs)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self.cache.release(seq.slot)
+            self.free.append(seq.slot)
+            seq.slot = -1
