@@ -91,8 +91,9 @@ class Markers:
 
         self.open = single(THINK_START)
         self.close = single(THINK_END)
-        # Without single-token markers, the first piece of `<think>` is what starts a reasoning block.
+        # Without single-token markers, a marker's first piece is what starts it.
         self.open_start = tokenizer.encode(THINK_START)[0]
+        self.close_start = tokenizer.encode(THINK_END)[0]
         self.forced_close = tokenizer.encode(FORCED_CLOSE)
 
 
@@ -116,17 +117,18 @@ class SequenceState:
 
     def banned(self) -> list[int]:
         """Tokens that would leave a forced mode: no reasoning block in nothink; in think, no second
-        `<think>`, no empty reasoning, and no reasoning again after `</think>`. Auto is free."""
+        `<think>`, no empty reasoning, and no reasoning again after `</think>`. Auto is free.
+        Where the markers are not single tokens, their first pieces are banned where a marker
+        would have to start (at the start of the answer / of the reasoning)."""
         m = self.markers
         if self.mode == "nothink":
             if m.open is not None:
                 return [t for t in (m.open, m.close) if t is not None]
             return [m.open_start] if not self.text.strip() else []
         if self.mode == "think":
-            out = [m.open] if m.open is not None else []
-            if m.close is not None and (not self.thought or self.closed):
-                out.append(m.close)
-            return out
+            if m.close is None:
+                return [m.close_start] if not self.thought else []
+            return ([m.open] if m.open is not None else []) + ([m.close] if not self.thought or self.closed else [])
         return []
 
     def push(self, token: int) -> tuple[str, bool, str | None]:
@@ -319,6 +321,7 @@ class Core:
                 f"context of {self.slot_len} tokens"
             )
 
+    @torch.inference_mode()
     def admit(self, seqs: list[Sequence]) -> list[TokenEvent]:
         """Prefill `seqs` into free slots and pick their first tokens."""
         if len(seqs) > len(self.free):
@@ -406,6 +409,7 @@ class Core:
         h = model.decoder(x, positions, mask, self.cache)
         return model.decoder.lm_head(h[torch.arange(len(rows), device=device), torch.tensor(lens, device=device) - 1])
 
+    @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
         """One decode step: each sequence feeds its last token and gets its next."""
         model, device = self.model, self.model.device

@@ -1,0 +1,211 @@
+"""One generation core: generate() and the server's engine give the same tokens; attention
+semantics agree with training; forced modes bind; prefix reuse; failures stay with their request."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from phi4rv.chat_model import ChatModel
+from phi4rv.generation.core import Core, GenerationParams, PrefixStore, Request, Sequence
+from phi4rv.generation.generate import generate
+from phi4rv.generation.sampling import SamplingParams
+from phi4rv.model import expand_image_tokens
+from phi4rv.processing.chat import THINK_END, THINK_START
+from phi4rv.processing.image import ImagePatches, process_image
+from phi4rv.serve.engine import Engine, EngineRequest, ShuttingDown
+
+
+@pytest.fixture(scope="module")
+def cm(tiny_ckpt):
+    return ChatModel.load(tiny_ckpt, device="cpu")
+
+
+def req(cm, text, images=(), mode="auto"):
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    return cm.prepare([{"role": "user", "content": content}], list(images), mode)[0]
+
+
+def params(n=8, temperature=0.0, seed=None, **kw):
+    return GenerationParams(max_new_tokens=n, sampling=SamplingParams(temperature=temperature, top_p=0.9),
+                            seed=seed, **kw)
+
+
+def run_engine(cm, requests, p, max_batch=2, **engine_kw):
+    """Submit every request at once to a running engine (fewer slots than requests: some queue)."""
+    engine = Engine(cm.model, cm.tokenizer, max_batch=max_batch, **engine_kw).start()
+    out = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            out[i].append(ev)
+            if isinstance(ev, BaseException) or ev.finish_reason is not None:
+                done.release()
+        return f
+
+    try:
+        for i, r in enumerate(requests):
+            engine.submit(EngineRequest(r, p, emit(i)))
+        for _ in requests:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    return out
+
+
+@pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.9, 5)])
+def test_generate_and_engine_give_identical_tokens_and_logprobs(cm, images_dir, temperature, seed):
+    photo, shot = images_dir / "photo.jpg", images_dir / "desktop_screenshot.png"
+    requests = [req(cm, "Hello there"), req(cm, "Describe.", [photo]), req(cm, "Both?", [photo, shot], "think"),
+                req(cm, "Short", mode="nothink")]
+    p = params(8, temperature, seed)
+    alone = [generate(cm.model, cm.tokenizer, [r], p)[0] for r in requests]
+    together = generate(cm.model, cm.tokenizer, requests, p)
+    served = run_engine(cm, requests, p)
+    for a, b, events in zip(alone, together, served):
+        assert a.token_ids == b.token_ids == [e.token_id for e in events]
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert a.logprobs == pytest.approx([e.logprob for e in events], abs=1e-4)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_prefill_attention_matches_the_training_forward(cm, images_dir, bidirectional):
+    model = copy.deepcopy(cm.model)
+    model.cfg.image_bidirectional_attention = bidirectional
+    r = req(cm, "What is it?", [images_dir / "photo.jpg"])
+    ids = torch.tensor([expand_image_tokens(r.input_ids, [im.grid for im in r.images])])
+    with torch.no_grad():
+        reference = model(ids, r.images[0].pixels, [r.images[0].grid])[0, -1].log_softmax(-1)
+    g = generate(model, cm.tokenizer, [r], GenerationParams(max_new_tokens=1, top_logprobs=5))[0]
+    assert g.token_ids[0] == int(reference.argmax())
+    assert g.logprobs[0] == pytest.approx(float(reference.max()), abs=1e-4)
+    # The flag changes what the model computes over image positions (so this test can tell them apart).
+    other = copy.deepcopy(model)
+    other.cfg.image_bidirectional_attention = not bidirectional
+    with torch.no_grad():
+        assert not torch.allclose(other(ids, r.images[0].pixels, [r.images[0].grid])[0, -1].log_softmax(-1), reference,
+                                  atol=1e-3)
+
+
+def prefer(model, token: int) -> nn.Module:
+    """A copy of the model whose LM head strongly prefers `token`."""
+    model = copy.deepcopy(model)
+    head = model.decoder.lm_head
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[token] = 50.0
+    model.decoder.lm_head = biased
+    return model
+
+
+def test_forced_nothink_never_opens_a_reasoning_block(cm):
+    model = prefer(cm.model, cm.tokenizer.encode(THINK_START)[0])
+    r = req(cm, "Think hard: 17 * 23?", mode="nothink")
+    assert generate(model, cm.tokenizer, [req(cm, "Think hard: 17 * 23?", mode="auto")], params(4))[0].text.startswith("<")
+    g = generate(model, cm.tokenizer, [r], params(6))[0]
+    assert not g.text.lstrip().startswith(THINK_START) and g.thinking_tokens == 0
+
+
+def test_forced_think_writes_reasoning_before_closing(cm):
+    model = prefer(cm.model, cm.tokenizer.encode(THINK_END)[0])
+    r = req(cm, "What colour is the sky?", mode="think")
+    free = generate(model, cm.tokenizer, [req(cm, "What colour is the sky?", mode="auto")], params(2))[0]
+    assert free.token_ids[0] == cm.tokenizer.encode(THINK_END)[0]  # unbound, it would close at once
+    g = generate(model, cm.tokenizer, [r], params(6))[0]
+    assert g.token_ids[0] != cm.tokenizer.encode(THINK_END)[0] and g.text[:1].strip()
+
+
+def test_prefix_store_keys_by_image_content_not_placeholders(cm):
+    store = PrefixStore(max_bytes=2**30, block=4)
+    grid = (2, 2)
+    a = ImagePatches(torch.zeros(4, 768), grid)
+    b = ImagePatches(torch.ones(4, 768), grid)
+    ids = [5, 6, 7, 8, -200, 9, 10, 11, 12, 13]
+    ka, kb = store.keys(ids, [a]), store.keys(ids, [b])
+    assert ka[0] == kb[0]  # the first block is text only
+    assert ka[1] != kb[1]  # the second holds image patches: different images, different keys
+    assert store.keys(ids, [ImagePatches(torch.zeros(4, 768), grid)]) == ka
+
+
+def test_prefix_cache_reuses_a_shared_prompt_and_changes_nothing(cm, images_dir):
+    system = "You are a careful assistant. " * 12
+    requests = [req(cm, system + q, [images_dir / "photo.jpg"]) for q in ("First?", "Second?")]
+    p = params(6)
+    plain = [generate(cm.model, cm.tokenizer, [r], p)[0].token_ids for r in requests]
+    core = Core(cm.model, cm.tokenizer, slots=1, slot_len=2048, prefix_bytes=2**28)
+    got = []
+    for r in requests:
+        s = Sequence(r, p)
+        events = core.admit([s])
+        while not s.finished:
+            events += core.step([s])
+        core.release(s)
+        got.append([e.token_id for e in events])
+    assert got == plain
+    assert core.prefixes.hits > 0.5 * requests[1].prompt_len  # the second prompt mostly came from the store
+
+
+def test_a_failing_request_fails_alone(cm, images_dir):
+    good = req(cm, "Hello", [images_dir / "photo.jpg"])
+    bad = Request(list(good.input_ids), [ImagePatches(torch.zeros(3, 5), (1, 3))])  # patches of the wrong width
+    out = run_engine(cm, [good, bad, good], params(4), max_batch=3)
+    assert isinstance(out[1][-1], BaseException)
+    for events in (out[0], out[2]):
+        assert [e.finish_reason for e in events][-1] == "length" and len(events) == 4
+
+
+def test_shutdown_answers_queued_and_running_requests(cm):
+    engine = Engine(cm.model, cm.tokenizer, max_batch=1).start()
+    got = []
+    r = req(cm, "Hello")
+    for _ in range(3):
+        engine.submit(EngineRequest(r, params(3000), got.append))
+    engine.stop()
+    finals = [e for e in got if isinstance(e, BaseException)]
+    assert len(finals) == 3 and all(isinstance(e, ShuttingDown) for e in finals)
+    with pytest.raises(ShuttingDown):
+        engine.submit(EngineRequest(r, params(2), got.append))
+
+
+def test_queued_requests_expire(cm):
+    engine = Engine(cm.model, cm.tokenizer, max_batch=1).start()
+    got: list = []
+    try:
+        engine.submit(EngineRequest(req(cm, "Hello"), params(3000), got.append))  # holds the only slot
+        waiting = []
+        engine.submit(EngineRequest(req(cm, "Hi"), params(2), waiting.append, timeout=0.2))
+        deadline = threading.Event()
+        deadline.wait(3)
+        assert len(waiting) == 1 and isinstance(waiting[0], TimeoutError)
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("kw, match", [({"stop_strings": ("a",) * 5}, "stop strings"),
+                                       ({"stop_strings": ("x" * 300,)}, "longer"),
+                                       ({"seed": 2**64}, "seed"), ({"top_logprobs": 21}, "top_logprobs")])
+def test_bounded_generation_parameters(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationParams(**kw)
+
+
+def test_stop_string_found_across_pieces(cm):
+    g = generate(cm.model, cm.tokenizer, [req(cm, "Hello")], params(12))[0]
+    stop = g.text[3:7]
+    cut = generate(cm.model, cm.tokenizer, [req(cm, "Hello")], params(12, stop_strings=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == g.text[: g.text.find(stop)]
+
+
+def test_image_hash_differs_for_different_pixels(images_dir):
+    from phi4rv.generation.core import image_hash
+    from phi4rv.processing.image import ImageProcessorConfig
+
+    cfg = ImageProcessorConfig(min_num_patches=4, max_num_patches=64)
+    a = process_image(images_dir / "photo.jpg", cfg)
+    b = process_image(images_dir / "desktop_screenshot.png", cfg)
+    assert image_hash(a) != image_hash(b) and image_hash(a) == image_hash(process_image(images_dir / "photo.jpg", cfg))
