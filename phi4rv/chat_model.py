@@ -151,13 +151,15 @@ class ChatModel:
         images: Sequence[ImageSource],
         mode: str,
         details: Sequence[str | None] | None = None,
+        special_tokens: bool = False,
     ) -> tuple[Request, dict]:
         """Messages (string contents with `<image>` tags, or OpenAI parts) and their images ->
-        a generation request; `details` gives each image's OpenAI detail (low / high / auto)."""
+        a generation request; `details` gives each image's OpenAI detail (low / high / auto).
+        Control tokens spelled in the messages are text unless `special_tokens` allows them."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         t0 = time.perf_counter()
-        enc = encode_chat(self.tokenizer, messages, mode=mode)
+        enc = encode_chat(self.tokenizer, messages, mode=mode, special_tokens=special_tokens)
         if enc.num_images != len(images):
             raise ValueError(f"the prompt has {enc.num_images} <image> tag(s) but {len(images)} image(s) were given")
         details = list(details) if details is not None else [None] * len(images)

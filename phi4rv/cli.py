@@ -144,10 +144,8 @@ def _print_stream(cm, messages, images, mode, params) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from phi4rv.chat_model import ChatModel
-    from phi4rv.serve.app import ServeSettings, create_app
+    from phi4rv.serve.app import ServeSettings, create_app, run
 
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
@@ -162,13 +160,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_images=args.max_images,
         request_timeout=args.request_timeout,
         default_max_tokens=args.default_max_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        image_timeout=args.image_timeout,
+        allow_special_tokens=args.allow_special_tokens,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
     )
     app = create_app(cm, settings)
     engine = app.state.engine
     print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
           f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    run(app, args.host, args.port, args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-max-tokens", type=int, default=4096, help="when a request sets no max_tokens")
     s.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR", help="serve image paths under DIR")
     s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--max-body-mb", type=float, default=64, help="request body limit, chunked bodies included")
+    s.add_argument("--max-image-pixels", type=int, default=36_000_000, help="per image, checked before decoding")
+    s.add_argument("--max-request-pixels", type=int, default=100_000_000, help="all images of one request")
+    s.add_argument("--image-timeout", type=float, default=30.0, help="seconds for a request's image work")
+    s.add_argument("--allow-special-tokens", action="store_true",
+                   help="let message text spell control tokens (default: encoded as plain text)")
+    s.add_argument("--prefix-cache-mb", type=float, default=256, help="KV of shared prompt prefixes (0 = off)")
     s.add_argument("--max-num-patches", type=int, default=None,
                    help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES))

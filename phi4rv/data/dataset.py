@@ -12,7 +12,6 @@ dataset can be measured (for packing and step counts) cheaply before training st
 
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -20,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from phi4rv.data.formats import Sample, mark_nothink, mode_of
 from phi4rv.model.vlm import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 from phi4rv.processing.chat import encode_chat
-from phi4rv.processing.image import ImageError, ImageProcessorConfig, naflex_size, process_image
+from phi4rv.processing.image import ImageError, ImageProcessorConfig, image_size, naflex_size, process_image
 from phi4rv.processing.tokenizer import Tokenizer
 
 Grid = tuple[int, int]
@@ -68,20 +66,13 @@ class Example:
 
 
 def _image_size(ref) -> tuple[int, int]:
-    """(height, width) of an image as `load_image` will see it (EXIF rotation applied), header only."""
-    if isinstance(ref, (bytes, bytearray)):
-        fp = io.BytesIO(ref)
-    else:
-        if not Path(ref).is_file():
-            raise SkipSample("missing_image", str(ref))
-        fp = ref
+    """(height, width) of an image as `load_image` will see it, header only."""
+    if not isinstance(ref, (bytes, bytearray)) and not Path(ref).is_file():
+        raise SkipSample("missing_image", str(ref))
     try:
-        with Image.open(fp) as img:
-            w, h = img.size
-            if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
-                w, h = h, w
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SkipSample("bad_image", f"{ref if isinstance(ref, str) else '<bytes>'} ({e})") from None
+        w, h = image_size(ref)
+    except ImageError as e:
+        raise SkipSample("bad_image", str(e)) from None
     return h, w
 
 

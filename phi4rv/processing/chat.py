@@ -161,13 +161,21 @@ def template_renders_system(template: str) -> bool:
     return _PROBE in render_chat(template, messages, add_generation_prompt=True)[0]
 
 
+def _valid(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone UTF-16 surrogate, e.g. from a "\ud800" escape in JSON
+        raise ValueError("message text is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
 def content_text(content: Any) -> str:
     """A message content as the release's processor expects it: a string in which each image is
     `<image>\\n` at its place. Text parts are joined as they are; other part types are refused."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
+        return _valid(content)
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     text = []
@@ -176,7 +184,7 @@ def content_text(content: Any) -> str:
         if kind in TEXT_PART_TYPES:
             if not isinstance(part.get("text"), str):
                 raise ValueError(f"a {kind} part needs a string 'text'")
-            text.append(part["text"])
+            text.append(_valid(part["text"]))
         elif kind in IMAGE_PART_TYPES:
             text.append(IMAGE_TOKEN + "\n")
         else:
@@ -232,13 +240,15 @@ def encode_chat(
     mode: Mode = "auto",
     add_generation_prompt: bool = True,
     template: str | None = None,
+    special_tokens: bool = True,
 ) -> EncodedChat:
     """Render and tokenize a conversation (contents in any form `release_messages` accepts).
 
     The template is `template`, else the tokenizer's own, else DEFAULT_CHAT_TEMPLATE. The mode
     prefix is appended only after a generation prompt. A token is assistant iff its characters
     overlap a generation block (the same rule as transformers' char_to_token mask); image
-    placeholders never are.
+    placeholders never are. With `special_tokens=False` (text from users), a control token
+    spelled inside a message's content is encoded as text, so a user cannot forge turns.
     """
     prefix = mode_prefix(mode)
     template = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
@@ -249,6 +259,7 @@ def encode_chat(
         raise ValueError(f"chat template: {e}") from None
     if add_generation_prompt:
         text += prefix
+    plain = [] if special_tokens else _content_spans(text, messages)
 
     ids: list[int] = []
     mask: list[bool] = []
@@ -259,13 +270,28 @@ def encode_chat(
             ids.append(IMAGE_TOKEN_ID)
             mask.append(False)
             base += len(IMAGE_TOKEN)
-        piece_ids, offsets = tokenizer.encode_with_offsets(piece)
+        local = [(max(a - base, 0), min(b - base, len(piece))) for a, b in plain if a < base + len(piece) and b > base]
+        piece_ids, offsets = tokenizer.encode_with_offsets(piece, local)
         ids.extend(piece_ids)
         for start, end in offsets:
             start, end = base + start, base + end
             mask.append(any(start < s_end and end > s_start for s_start, s_end in spans))
         base += len(piece)
     return EncodedChat(ids, mask, len(pieces) - 1)
+
+
+def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each message's content sits in the rendered `text`, found in order (as it is, or
+    stripped, as templates that trim contents render it)."""
+    spans, at = [], 0
+    for m in messages:
+        for content in (m["content"], m["content"].strip()):
+            i = text.find(content, at) if content else -1
+            if i >= 0:
+                spans.append((i, i + len(content)))
+                at = i + len(content)
+                break
+    return spans
 
 
 @dataclass

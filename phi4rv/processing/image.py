@@ -128,6 +128,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) as `load_image` will see it (EXIF rotation applied), from the header only."""
+    name = _name(source)
+    img = _open(source, name)
+    try:
+        w, h = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+            w, h = h, w
+        return w, h
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"corrupt image: {name} ({e})") from None
+    finally:
+        if img is not source:
+            img.close()
+
+
 def load_image(source: ImageSource, max_pixels: int = ImageProcessorConfig.max_pixels) -> Image.Image:
     """Decode `source` (path, raw bytes or PIL image) into an upright, fully loaded RGB image."""
     name = _name(source)

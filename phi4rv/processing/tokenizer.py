@@ -10,6 +10,8 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -190,6 +192,9 @@ class Tokenizer:
         self.chat_template = chat_template
         added = self._tok.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        spellings = sorted({t.content for t in added.values()}, key=len, reverse=True)
+        self._added = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+        self._plain: _HFTokenizer | None = None  # the same tokenizer without added tokens, made on demand
         self._byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
     @classmethod
@@ -258,10 +263,36 @@ class Tokenizer:
         """Ids of `text`, adding nothing; special tokens written in the text become their ids."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Ids of `text` and each token's character span in it."""
-        enc = self._tok.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
+    def encode_with_offsets(
+        self, text: str, plain_spans: Sequence[tuple[int, int]] = ()
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` and each token's character span in it. Inside `plain_spans` (user text),
+        a control token's spelling (`<|im_start|>`, ...) is encoded as ordinary text."""
+        cuts = self._added_in(text, plain_spans)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        pos = 0
+        for a, b in [*cuts, (len(text), len(text))]:
+            for tok, start, end in ((self._tok, pos, a), (self._plain_tokenizer(), a, b)):
+                if end > start:
+                    enc = tok.encode(text[start:end], add_special_tokens=False)
+                    ids += enc.ids
+                    offsets += [(start + x, start + y) for x, y in enc.offsets]
+            pos = b
+        return ids, offsets
+
+    def _added_in(self, text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Where an added token's spelling occurs inside `spans`, in order."""
+        if self._added is None:
+            return []
+        return [m.span() for lo, hi in spans for m in self._added.finditer(text, lo, hi)]
+
+    def _plain_tokenizer(self) -> _HFTokenizer:
+        if self._plain is None:
+            spec = json.loads(self._json)
+            spec["added_tokens"] = []
+            self._plain = _HFTokenizer.from_str(json.dumps(spec))
+        return self._plain
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         ids = list(ids)

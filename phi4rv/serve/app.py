@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hmac
 import json
+import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -28,7 +30,7 @@ from phi4rv.chat_model import ChatModel, MarkerSplitter
 from phi4rv.generation.generate import GenerationParams, TokenEvent
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.chat import parse_completion
-from phi4rv.processing.image import ImageError
+from phi4rv.processing.image import ImageError, image_size
 from phi4rv.serve import protocol as P
 from phi4rv.serve.engine import Engine, EngineRequest, QueueFull, ShuttingDown
 
@@ -46,6 +48,11 @@ class ServeSettings:
     default_max_tokens: int = 4096
     max_body_bytes: int = 64 * 2**20
     max_remote_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 36_000_000  # per image, read from its header before decoding
+    max_request_pixels: int = 100_000_000  # all images of one request
+    image_timeout: float = 30.0  # seconds for all of a request's image work (fetch, decode, resize)
+    allow_special_tokens: bool = False  # text in messages may spell control tokens (off: encoded as text)
+    prefix_cache_bytes: int = 256 * 2**20
 
 
 class APIError(Exception):
@@ -69,18 +76,25 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         Gauge("phi4rv_queue_depth", "Requests waiting for a slot", registry=r).set_function(lambda: engine.queue_depth)
         Gauge("phi4rv_running_requests", "Requests in the running batch", registry=r).set_function(lambda: engine.running)
-        self.recent: deque[float] = deque()
+        self.recent: deque[list[int]] = deque(maxlen=11)  # [second, tokens] of the last seconds
         Gauge("phi4rv_tokens_per_second", "Generated tokens/s over the last 10 s", registry=r).set_function(self.rate)
+        prefixes = engine.core.prefixes
+        Gauge("phi4rv_prefix_cache_hit_rate", "Prompt positions served from the prefix cache", registry=r).set_function(
+            lambda: prefixes.hits / prefixes.lookups if prefixes is not None and prefixes.lookups else 0.0)
+        Gauge("phi4rv_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r).set_function(
+            lambda: prefixes.nbytes if prefixes is not None else 0)
 
     def token(self) -> None:
         self.tokens.inc()
-        self.recent.append(time.monotonic())
+        second = int(time.monotonic())
+        if self.recent and self.recent[-1][0] == second:
+            self.recent[-1][1] += 1
+        else:
+            self.recent.append([second, 1])
 
-    def rate(self, window: float = 10.0) -> float:
-        cutoff = time.monotonic() - window
-        while self.recent and self.recent[0] < cutoff:
-            self.recent.popleft()
-        return len(self.recent) / window
+    def rate(self, window: int = 10) -> float:
+        now = int(time.monotonic())
+        return sum(n for second, n in self.recent if now - window <= second < now) / window
 
 
 def _image_bytes(url: str, s: ServeSettings) -> bytes:
@@ -97,14 +111,18 @@ def _image_bytes(url: str, s: ServeSettings) -> bytes:
             raise APIError(400, "remote image URLs are disabled (start the server with --allow-remote-images)", param="messages")
         import httpx
 
+        deadline = time.monotonic() + s.image_timeout
         try:
-            with httpx.stream("GET", url, timeout=10, follow_redirects=True) as r:
+            with httpx.Client(timeout=10, follow_redirects=True, max_redirects=3) as client, \
+                    client.stream("GET", url) as r:
                 r.raise_for_status()
                 data = b""
                 for piece in r.iter_bytes():
                     data += piece
                     if len(data) > s.max_remote_image_bytes:
                         raise APIError(400, f"remote image larger than {s.max_remote_image_bytes} bytes", param="messages")
+                    if time.monotonic() > deadline:
+                        raise APIError(400, f"fetching the image took over {s.image_timeout:g}s", param="messages")
                 return data
         except httpx.HTTPError as e:
             raise APIError(400, f"could not fetch image: {e}", param="messages") from None
@@ -120,8 +138,8 @@ def _image_bytes(url: str, s: ServeSettings) -> bytes:
     return path.read_bytes()
 
 
-def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict], list[bytes], list[str | None]]:
-    """The request's messages (OpenAI parts as they came), its images' bytes and their `detail`."""
+def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict], list[str], list[str | None]]:
+    """The request's messages (OpenAI parts as they came), its image URLs and their `detail`."""
     messages, urls, details = [], [], []
     for m in req.messages:
         if isinstance(m.content, list):
@@ -132,7 +150,24 @@ def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict
         messages.append(m.model_dump(include={"role", "content"}))
     if len(urls) > s.max_images:
         raise APIError(400, f"too many images: {len(urls)} > {s.max_images}", param="messages")
-    return messages, [_image_bytes(u, s) for u in urls], details
+    return messages, urls, details
+
+
+def _load_images(urls: list[str], s: ServeSettings) -> list[bytes]:
+    """Every image's bytes, its size checked from the header against the pixel limits (worker thread)."""
+    images, total = [], 0
+    for url in urls:
+        data = _image_bytes(url, s)
+        w, h = image_size(data)
+        if w * h > s.max_image_pixels:
+            raise APIError(400, f"image of {w}x{h} pixels is over the limit of {s.max_image_pixels:,} per image",
+                           param="messages")
+        total += w * h
+        if total > s.max_request_pixels:
+            raise APIError(400, f"images of this request are over the limit of {s.max_request_pixels:,} pixels",
+                           param="messages")
+        images.append(data)
+    return images
 
 
 def _logprobs(tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None) -> dict:
@@ -143,8 +178,62 @@ def _logprobs(tokenizer, token: int, logprob: float, top: list[tuple[int, float]
     return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in (top or [])]}
 
 
+class Guard:
+    """ASGI middleware in front of every route: the API key on /v1/* (compared in constant time),
+    then the body limit: a body over `max_body_bytes` gets 413 whether or not it says its length
+    (a chunked body is read up to the limit, never further). Plain ASGI, so the routes still see
+    a client's disconnect."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        key = self.settings.api_key
+        if key and scope["path"].startswith("/v1/"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {key}".encode()):
+                self.metrics.errors.labels("authentication_error").inc()
+                return await _answer(send, 401, P.error_body("invalid or missing API key", "authentication_error",
+                                                             code="invalid_api_key"))
+        limit = self.settings.max_body_bytes
+        too_large = P.error_body(f"request body over {limit} bytes")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _answer(send, 413, too_large)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await _answer(send, 413, too_large)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _answer(send, status: int, obj: dict) -> None:
+    body = json.dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
-    engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue)
+    engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue,
+                    prefix_cache_bytes=settings.prefix_cache_bytes)
     metrics = Metrics(engine)
     engine.on_step = metrics.batch.observe
 
@@ -160,6 +249,7 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="phi4rv", lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -177,17 +267,6 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         metrics.errors.labels("invalid_request_error").inc()
         message = f"{where}: {err.get('msg', 'invalid request')}" if where else err.get("msg", "invalid request")
         return JSONResponse(P.error_body(message, param=where or None), status_code=400)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(P.error_body(f"request body over {settings.max_body_bytes} bytes"), status_code=413)
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
-                metrics.errors.labels("authentication_error").inc()
-                return JSONResponse(P.error_body("invalid or missing API key", "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -210,12 +289,22 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         if body.n != 1:
             raise APIError(400, "n > 1 is not supported", param="n")
         mode = P.mode_for(body.reasoning_effort)
-        messages, images, details = _messages(body, settings)
+        messages, urls, details = _messages(body, settings)
+        if engine.queue_depth >= settings.max_queue:  # before any image work
+            metrics.requests.labels("rejected").inc()
+            raise APIError(503, f"server busy: queue full ({settings.max_queue} waiting)", "server_busy",
+                           headers={"Retry-After": "1"})
+
+        def prepare():
+            images = _load_images(urls, settings)
+            return cm.prepare(messages, images, mode, details, special_tokens=settings.allow_special_tokens)
+
         try:
-            prepared, info = await run_in_threadpool(cm.prepare, messages, images, mode, details)
-        except ImageError as e:
-            raise APIError(400, str(e), param="messages") from None
-        except ValueError as e:
+            prepared, info = await asyncio.wait_for(run_in_threadpool(prepare), timeout=settings.image_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"preparing the request's images took over {settings.image_timeout:g}s",
+                           param="messages") from None
+        except (ImageError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
         usage = info["usage"]
         room = engine.slot_len - usage["prompt_tokens"] - engine.slack
@@ -253,11 +342,22 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         metrics.prompt_tokens.inc(usage["prompt_tokens"])
         cid, created = P.completion_id(), P.now()
 
-        async def events():
-            first = True
+        async def events(poll_disconnect: bool = False):
+            """The request's tokens. A non-streaming handler is not told that its client left, so it
+            looks twice a second (a streaming response watches for that itself)."""
+            first, checked = True, time.monotonic()
             try:
                 while True:
-                    ev = await queue.get()
+                    try:
+                        ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                    except asyncio.TimeoutError:
+                        ev = None
+                    if poll_disconnect and time.monotonic() - checked > 0.5:
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            raise asyncio.CancelledError
+                    if ev is None:
+                        continue
                     if isinstance(ev, BaseException):
                         raise ev
                     if first:
@@ -284,7 +384,7 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
             )
         text, tokens, thinking, logprobs, reason = "", 0, 0, [], "stop"
         try:
-            async for ev in events():
+            async for ev in events(poll_disconnect=True):
                 text += ev.text
                 tokens += 1
                 thinking += ev.thinking
@@ -350,3 +450,18 @@ async def _stream(events, cm: ChatModel, body: P.ChatCompletionRequest, mode: st
     if body.stream_options and body.stream_options.include_usage:
         yield sse({**P.chunk(cid, model, created, None), "usage": P.usage_body(u)})
     yield "data: [DONE]\n\n"
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+    """Serve until SIGINT/SIGTERM. On the signal the engine stops first, so every queued and
+    running request gets its final answer (503) before connections are drained."""
+    import uvicorn
+
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            threading.Thread(target=engine.stop, daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)).run()
