@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phi4rv.generation.cache import SlotCache
+from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
 from phi4rv.model.vlm import IMAGE_TOKEN_ID, Phi4RV, attention_mask, expand_image_tokens, image_segment_ids
 from phi4rv.processing.chat import MODES, THINK_END, THINK_START
@@ -38,6 +39,7 @@ class GenerationParams:
     stop_strings: tuple[str, ...] = ()
     thinking_budget: int | None = None  # max tokens inside <think> before </think> is forced
     top_logprobs: int = 0
+    grammar: Grammar | None = None  # the answer (not the reasoning) must be in this language
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -115,6 +117,11 @@ class SequenceState:
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
         self.n = 0
 
+    @property
+    def answering(self) -> bool:
+        """The next token belongs to the answer (not the reasoning, not a forced close)."""
+        return not self.thinking and not self.forced
+
     def banned(self) -> list[int]:
         """Tokens that would leave a forced mode: no reasoning block in nothink; in think, no second
         `<think>`, no empty reasoning, and no reasoning again after `</think>`. Auto is free.
@@ -182,6 +189,7 @@ class Sequence:
     slot: int = -1
     state: SequenceState | None = None
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None
     token: int = 0
     finished: bool = False
 
@@ -190,11 +198,19 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
     """The next token of each sequence ([B, V] logits, one row per sequence), as events."""
     raw = logits = logits.float()
     banned = [s.state.banned() for s in seqs]
-    if any(banned):
+    constrained = [s.constraint is not None and s.state.answering for s in seqs]
+    if any(banned) or any(constrained):
         logits = logits.clone()
         for i, ids in enumerate(banned):
             if ids:
                 logits[i, ids] = float("-inf")
+            if constrained[i]:
+                budget = seqs[i].params.max_new_tokens - seqs[i].state.n
+                allowed = seqs[i].constraint.allowed(logits.shape[-1], budget)
+                m = seqs[i].state.markers
+                if seqs[i].state.mode == "auto" and seqs[i].state.n == 0 and m.open is not None:
+                    allowed[m.open] = True  # auto may still open a reasoning block first
+                logits[i, ~allowed.to(logits.device)] = float("-inf")
     if all(s.params.sampling.temperature == 0 for s in seqs):
         tokens = logits.argmax(-1)
     else:
@@ -211,6 +227,8 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
         if s.params.top_logprobs:
             n = s.params.top_logprobs
             tops = list(zip(top_i[i, :n].tolist(), top_v[i, :n].tolist()))
+        if constrained[i] and forced[i] is None and token != s.state.markers.open and token not in s.params.stop_ids:
+            s.constraint.advance(token)
         text, was_thinking, finish = s.state.push(token)
         s.token, s.finished = token, finish is not None
         events.append(TokenEvent(s.row, token, text, float(chosen[i]), tops, was_thinking, finish))
@@ -333,6 +351,8 @@ class Core:
             s.state = SequenceState(self.tokenizer, s.params, s.request.mode, self.markers)
             if s.params.seed is not None:
                 s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
+            if s.params.grammar is not None:
+                s.constraint = s.params.grammar.start()
 
         t0 = time.perf_counter()
         images = [im for s in seqs for im in s.request.images]

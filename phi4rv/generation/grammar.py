@@ -1,0 +1,157 @@
+"""Grammar-constrained decoding of the answer: a regular language (from a JSON schema) compiled
+against the tokenizer's vocabulary by outlines-core, which gives at each step the tokens that
+keep the answer inside the language.
+
+A `Grammar` is compiled once per (pattern, tokenizer) and shared; each sequence walks it with
+its own `Constraint`. Only the answer is constrained: the reasoning inside `<think>` stays free.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from phi4rv.processing.tokenizer import Tokenizer
+
+# `{"type": "json_object"}`: any JSON object whose values are scalars, arrays of scalars, or
+# objects of scalars (a deeper generic object compiles to a regex ~10x slower to index).
+_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
+JSON_OBJECT_SCHEMA = {
+    "type": "object",
+    "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR},
+                                       {"type": "object", "additionalProperties": _SCALAR}]},
+}
+
+
+class GrammarError(ValueError):
+    pass
+
+
+def schema_regex(schema: dict) -> str:
+    """The regular expression outlines-core derives from a JSON schema (compact whitespace)."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be an object")
+    try:
+        return build_regex_from_schema(json.dumps(schema), r"[ ]?")
+    except Exception as e:  # outlines-core raises its own error types for unsupported schemas
+        raise GrammarError(f"unsupported JSON schema: {e}") from None
+
+
+class _Vocabulary:
+    """outlines-core's view of a tokenizer: each non-special token's bytes -> ids."""
+
+    _cache: dict[int, _Vocabulary] = {}
+
+    def __init__(self, tokenizer: Tokenizer):
+        from outlines_core import Vocabulary
+
+        by_bytes: dict[bytes, list[int]] = {}
+        for i in range(tokenizer.vocab_size):
+            if not tokenizer.is_special(i):
+                by_bytes.setdefault(tokenizer.token_bytes(i), []).append(i)
+        if tokenizer.eos_id is None:
+            raise GrammarError("constrained decoding needs the tokenizer's eos token")
+        self.vocabulary = Vocabulary(tokenizer.eos_id, by_bytes)
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> _Vocabulary:
+        key = id(tokenizer)
+        if key not in cls._cache:
+            cls._cache[key] = cls(tokenizer)
+        return cls._cache[key]
+
+
+@lru_cache(maxsize=64)
+def _index(pattern: str, vocabulary: _Vocabulary):
+    from outlines_core import Index
+
+    try:
+        return Index(pattern, vocabulary.vocabulary)
+    except Exception as e:
+        raise GrammarError(f"cannot compile the grammar: {e}") from None
+
+
+class Grammar:
+    """A compiled language over a tokenizer's tokens (shared, read-only)."""
+
+    def __init__(self, pattern: str, tokenizer: Tokenizer):
+        self.pattern = pattern
+        self.index = _index(pattern, _Vocabulary.of(tokenizer))
+        self._transitions: dict[int, dict[int, int]] | None = None
+        self._distance: dict[int, int] = {}
+        self._closing: dict[int, list[int]] = {}
+
+    def distance(self, state: int) -> int:
+        """Fewest tokens from `state` to a complete text (a large number if none)."""
+        if self._transitions is None:
+            self._transitions = self.index.get_transitions()
+            before: dict[int, set[int]] = {}
+            for a, edges in self._transitions.items():
+                for b in set(edges.values()):
+                    before.setdefault(b, set()).add(a)
+            frontier = list(self.index.get_final_states())
+            self._distance = dict.fromkeys(frontier, 0)
+            while frontier:  # breadth-first from the final states, backwards
+                nxt = []
+                for b in frontier:
+                    for a in before.get(b, ()):
+                        if a not in self._distance:
+                            self._distance[a] = self._distance[b] + 1
+                            nxt.append(a)
+                frontier = nxt
+        return self._distance.get(state, 1 << 30)
+
+    def closing(self, state: int) -> list[int]:
+        """The tokens from `state` that bring the text one token closer to complete."""
+        if state not in self._closing:
+            d = self.distance(state)
+            self._closing[state] = [t for t, b in self._transitions.get(state, {}).items() if self.distance(b) < d]
+        return self._closing[state]
+
+    @classmethod
+    def from_schema(cls, schema: dict, tokenizer: Tokenizer) -> Grammar:
+        return cls(schema_regex(schema), tokenizer)
+
+    def start(self) -> Constraint:
+        return Constraint(self)
+
+
+class Constraint:
+    """One sequence's position in a `Grammar`."""
+
+    def __init__(self, grammar: Grammar):
+        from outlines_core import Guide
+
+        self.grammar = grammar
+        self.guide = Guide(grammar.index)
+        self._words: torch.Tensor | None = None
+
+    def allowed(self, vocab_size: int, budget: int | None = None) -> torch.Tensor:
+        """[vocab_size] bool: the tokens that keep the text in the language (eos once it is complete).
+        With `budget` tokens left (the closing eos included), once the text needs all of them to
+        complete, only tokens that bring it closer are allowed: the answer always completes when
+        it can."""
+        state = self.guide.get_state()
+        if budget is not None and not self.guide.is_finished() and budget - 1 <= self.grammar.distance(state) + 1:
+            closing = self.grammar.closing(state)
+            if closing:
+                out = torch.zeros(vocab_size, dtype=torch.bool)
+                out[torch.tensor(closing, dtype=torch.long)] = True
+                return out
+        n = (vocab_size + 31) // 32
+        if self._words is None or self._words.numel() != n:
+            self._words = torch.zeros(n, dtype=torch.int32)
+        self.guide.write_mask_into(self._words.data_ptr(), n, 4)
+        bits = (self._words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[:vocab_size].bool()
+
+    def advance(self, token: int) -> None:
+        self.guide.advance(token)
+
+    @property
+    def finished(self) -> bool:
+        return self.guide.is_finished()
