@@ -355,3 +355,33 @@ def to_pixels(box: tuple[float, float, float, float], width: int, height: int) -
     """A fractional box in pixel coordinates of a `width` x `height` image."""
     x1, y1, x2, y2 = box
     return x1 * width, y1 * height, x2 * width, y2 * height
+
+
+GROUNDING_ASK = ("Output its bounding box as [x1, y1, x2, y2], each coordinate a fraction of the image width or "
+                 "height between 0.0000 and 1.0000.")
+
+
+def grounding_prompt(target: str) -> str:
+    """The release's grounding request for a UI element described by `target`."""
+    return f"<image>\nLocate the element: {target}\n{GROUNDING_ASK}"
+
+
+@dataclass
+class Grounding:
+    box: tuple[float, float, float, float]  # [x1, y1, x2, y2], fractions of the image
+    pixels: tuple[int, int, int, int]  # (x, y, width, height) in the image's pixels
+    point: tuple[int, int]  # the click point: the box's centre, in pixels
+
+    def to_json(self) -> dict:
+        x, y, w, h = self.pixels
+        return {"box": list(self.box), "pixels": {"x": x, "y": y, "width": w, "height": h}, "point": list(self.point)}
+
+
+def ground(text: str, width: int, height: int) -> Grounding | None:
+    """A model's grounding answer (its last valid fractional box) in a `width` x `height` image."""
+    box = parse_box(text)
+    if box is None:
+        return None
+    x1, y1, x2, y2 = (round(v) for v in to_pixels(box, width, height))
+    cx, cy = box_center(box)
+    return Grounding(box, (x1, y1, x2 - x1, y2 - y1), (min(round(cx * width), width - 1), min(round(cy * height), height - 1)))

@@ -14,10 +14,12 @@ import hmac
 import json
 import threading
 import time
+import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -28,10 +30,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from phi4rv.chat_model import ChatModel, MarkerSplitter
 from phi4rv.generation.generate import GenerationParams, TokenEvent
+from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar, GrammarError
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.processing.chat import parse_completion
+from phi4rv.processing.chat import ground, parse_completion
 from phi4rv.processing.image import ImageError, image_size
 from phi4rv.serve import protocol as P
+from phi4rv.serve import tools
 from phi4rv.serve.engine import Engine, EngineRequest, QueueFull, ShuttingDown
 
 
@@ -147,7 +151,7 @@ def _messages(req: P.ChatCompletionRequest, s: ServeSettings) -> tuple[list[dict
                 if isinstance(part, P.ImagePart):
                     urls.append(part.image_url.url)
                     details.append(part.image_url.detail)
-        messages.append(m.model_dump(include={"role", "content"}))
+        messages.append(m.model_dump(include={"role", "content", "tool_calls", "tool_call_id"}, exclude_none=True))
     if len(urls) > s.max_images:
         raise APIError(400, f"too many images: {len(urls)} > {s.max_images}", param="messages")
     return messages, urls, details
@@ -280,48 +284,54 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": settings.served_model_name, "object": "model", "created": 0, "owned_by": "phi4rv"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+    def expired_error(e: BaseException) -> APIError:
+        if isinstance(e, TimeoutError):
+            metrics.requests.labels("timeout").inc()
+            return APIError(504, str(e), "timeout")
+        if isinstance(e, ShuttingDown):
+            metrics.requests.labels("error").inc()
+            return APIError(503, str(e), "server_busy")
+        metrics.requests.labels("error").inc()
+        return APIError(500, f"generation failed: {e}", "server_error")
+
+    async def start(request: Request, job: Job) -> Run:
+        """Prepare (images, prompt, grammar: in a worker thread, within `image_timeout`) and queue."""
         started = time.monotonic()
-        if body.model != settings.served_model_name:
-            raise APIError(404, f"model {body.model!r} not found; this server serves {settings.served_model_name!r}",
-                           param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, "n > 1 is not supported", param="n")
-        mode = P.mode_for(body.reasoning_effort)
-        messages, urls, details = _messages(body, settings)
         if engine.queue_depth >= settings.max_queue:  # before any image work
             metrics.requests.labels("rejected").inc()
             raise APIError(503, f"server busy: queue full ({settings.max_queue} waiting)", "server_busy",
                            headers={"Retry-After": "1"})
 
         def prepare():
-            images = _load_images(urls, settings)
-            return cm.prepare(messages, images, mode, details, special_tokens=settings.allow_special_tokens)
+            images = _load_images(job.urls, settings)
+            prepared, info = cm.prepare(job.messages, images, job.mode, job.details,
+                                        special_tokens=settings.allow_special_tokens)
+            grammar = Grammar.from_schema(job.schema, cm.tokenizer) if job.schema is not None else None
+            return prepared, info, grammar
 
         try:
-            prepared, info = await asyncio.wait_for(run_in_threadpool(prepare), timeout=settings.image_timeout)
+            prepared, info, grammar = await asyncio.wait_for(run_in_threadpool(prepare), timeout=settings.image_timeout)
         except asyncio.TimeoutError:
-            raise APIError(400, f"preparing the request's images took over {settings.image_timeout:g}s",
-                           param="messages") from None
+            raise APIError(400, f"preparing the request took over {settings.image_timeout:g}s", param="messages") from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param=job.schema_param) from None
         except (ImageError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
         usage = info["usage"]
         room = engine.slot_len - usage["prompt_tokens"] - engine.slack
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(settings.default_max_tokens, room))
-        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         try:
             params = GenerationParams(
-                max_new_tokens=max_tokens,
+                max_new_tokens=job.max_tokens or max(1, min(settings.default_max_tokens, room)),
                 sampling=SamplingParams(
-                    temperature=default_temperature if body.temperature is None else body.temperature,
-                    top_p=default_top_p if body.top_p is None else body.top_p,
+                    temperature=default_temperature if job.temperature is None else job.temperature,
+                    top_p=default_top_p if job.top_p is None else job.top_p,
                 ),
-                seed=body.seed,
+                seed=job.seed,
                 stop_ids=cm.stop_ids(),
-                stop_strings=tuple(s for s in stop if s),
-                thinking_budget=body.thinking_budget,
-                top_logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+                stop_strings=tuple(x for x in job.stop if x),
+                thinking_budget=job.thinking_budget,
+                top_logprobs=job.top_logprobs,
+                grammar=grammar,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
@@ -340,7 +350,6 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
         metrics.prompt_tokens.inc(usage["prompt_tokens"])
-        cid, created = P.completion_id(), P.now()
 
         async def events(poll_disconnect: bool = False):
             """The request's tokens. A non-streaming handler is not told that its client left, so it
@@ -376,80 +385,354 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
             return {**usage, "completion_tokens": n_tokens, "thinking_tokens": thinking,
                     "answer_tokens": n_tokens - thinking, "finish_reason": reason}
 
+        return Run(events, finish)
+
+    async def collect(run: Run, logprobs: bool = False) -> Collected:
+        out = Collected()
+        try:
+            async for ev in run.events(poll_disconnect=True):
+                out.text += ev.text
+                out.tokens += 1
+                out.thinking += ev.thinking
+                if logprobs:
+                    out.logprobs.append(_logprobs(cm.tokenizer, ev.token_id, ev.logprob, ev.top_logprobs))
+                out.reason = ev.finish_reason or out.reason
+        except (TimeoutError, ShuttingDown) as e:
+            raise expired_error(e) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise expired_error(e) from None
+        return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+        _check_model(body.model, settings)
+        if body.n != 1:
+            raise APIError(400, "n > 1 is not supported", param="n")
+        mode = P.mode_for(body.reasoning_effort)
+        fns, schema, param = _structure(body.tools, body.tool_choice, _chat_format(body.response_format))
+        messages, urls, details = _messages(body, settings)
+        try:
+            messages = tools.conversation(messages, fns, body.tool_choice)
+        except tools.ToolError as e:
+            raise APIError(400, str(e), param="messages") from None
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        job = Job(messages, urls, details, mode, body.max_completion_tokens or body.max_tokens, body.temperature,
+                  body.top_p, body.seed, stop, body.thinking_budget, (body.top_logprobs or 0) if body.logprobs else 0,
+                  schema, param)
+        run = await start(request, job)
+        cid, created = P.completion_id(), P.now()
+        calls_possible = bool(fns) and body.tool_choice != "none"
         if body.stream:
             return StreamingResponse(
-                _stream(events(), cm, body, mode, cid, created, finish, metrics),
+                _stream(run, cm, body, mode, cid, created, metrics, fns if calls_possible else []),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        text, tokens, thinking, logprobs, reason = "", 0, 0, [], "stop"
-        try:
-            async for ev in events(poll_disconnect=True):
-                text += ev.text
-                tokens += 1
-                thinking += ev.thinking
-                if body.logprobs:
-                    logprobs.append(_logprobs(cm.tokenizer, ev.token_id, ev.logprob, ev.top_logprobs))
-                reason = ev.finish_reason or reason
-        except TimeoutError as e:
-            metrics.requests.labels("timeout").inc()
-            raise APIError(504, str(e), "timeout") from None
-        except ShuttingDown as e:
-            metrics.requests.labels("error").inc()
-            raise APIError(503, str(e), "server_busy") from None
-        except Exception as e:
-            metrics.requests.labels("error").inc()
-            raise APIError(500, f"generation failed: {e}", "server_error") from None
-        parsed = parse_completion(text, mode, stopped_by_length=reason == "length")
-        u = finish(tokens, thinking, reason)
+        out = await collect(run, body.logprobs)
+        parsed = parse_completion(out.text, mode, stopped_by_length=out.reason == "length")
+        u = run.finish(out.tokens, out.thinking, out.reason)
         message = {"role": "assistant", "content": parsed.answer, "reasoning_content": parsed.thinking}
+        reason = out.reason
+        calls = tools.parse_calls(parsed.answer, fns) if calls_possible else None
+        if calls:
+            message.update(content=None, tool_calls=[c.to_openai() for c in calls])
+            reason = "tool_calls"
         return {
             "id": cid,
             "object": "chat.completion",
             "created": created,
             "model": settings.served_model_name,
             "choices": [{"index": 0, "message": message, "finish_reason": reason,
-                         "logprobs": {"content": logprobs} if body.logprobs else None}],
+                         "logprobs": {"content": out.logprobs} if body.logprobs else None}],
             "usage": P.usage_body(u),
         }
+
+    @app.post("/v1/responses")
+    async def responses(body: P.ResponsesRequest, request: Request):
+        _check_model(body.model, settings)
+        reasoning = body.reasoning or {}
+        effort = reasoning.get("effort")
+        if effort not in (None, "none", "minimal", "low", "medium", "high"):
+            raise APIError(400, f"unknown reasoning effort {effort!r}", param="reasoning.effort")
+        mode = P.mode_for(effort)
+        fns, schema, param = _structure(body.tools, body.tool_choice, _responses_format(body.text))
+        try:
+            messages, urls, details = _response_input(body)
+            messages = tools.conversation(messages, fns, body.tool_choice)
+        except tools.ToolError as e:
+            raise APIError(400, str(e), param="input") from None
+        if len(urls) > settings.max_images:
+            raise APIError(400, f"too many images: {len(urls)} > {settings.max_images}", param="input")
+        job = Job(messages, urls, details, mode, body.max_output_tokens, body.temperature, body.top_p, None, [],
+                  None, 0, schema, param)
+        run = await start(request, job)
+        rid, created = "resp_" + uuid.uuid4().hex[:24], P.now()
+        calls_possible = bool(fns) and body.tool_choice != "none"
+        summary = reasoning.get("summary") is not None
+        if body.stream:
+            return StreamingResponse(
+                _response_stream(run, body, mode, rid, created, metrics, fns if calls_possible else [], summary,
+                                 settings.served_model_name),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        out = await collect(run)
+        parsed = parse_completion(out.text, mode, stopped_by_length=out.reason == "length")
+        u = run.finish(out.tokens, out.thinking, out.reason)
+        calls = tools.parse_calls(parsed.answer, fns) if calls_possible else None
+        items = P.response_items(parsed.thinking, parsed.answer, calls, summary)
+        return P.response_body(rid, created, settings.served_model_name, items, u, body)
+
+    @app.post("/v1/grounding")
+    async def grounding(body: P.GroundingRequest):
+        """phi4rv helper: a model's grounding answer -> the box in pixels and the click point."""
+        g = ground(body.text, body.width, body.height)
+        if g is None:
+            raise APIError(400, "no valid [x1, y1, x2, y2] box (fractions 0-1) in the text", param="text")
+        return g.to_json()
 
     return app
 
 
-async def _stream(events, cm: ChatModel, body: P.ChatCompletionRequest, mode: str, cid: str, created: int, finish, metrics):
-    def sse(obj: dict) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+@dataclass
+class Job:
+    """What one API request asks the engine for, whichever API it came through."""
 
+    messages: list[dict]
+    urls: list[str]
+    details: list[str | None]
+    mode: str
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: list[str]
+    thinking_budget: int | None
+    top_logprobs: int
+    schema: dict | None  # the answer's JSON schema (structured output or forced tool call)
+    schema_param: str | None
+
+
+@dataclass
+class Run:
+    events: Any  # async generator of TokenEvent
+    finish: Any  # (tokens, thinking tokens, reason) -> usage dict
+
+
+@dataclass
+class Collected:
+    text: str = ""
+    tokens: int = 0
+    thinking: int = 0
+    reason: str = "stop"
+    logprobs: list = field(default_factory=list)
+
+
+def _check_model(name: str, s: ServeSettings) -> None:
+    if name != s.served_model_name:
+        raise APIError(404, f"model {name!r} not found; this server serves {s.served_model_name!r}",
+                       param="model", code="model_not_found")
+
+
+def _chat_format(fmt: P.ResponseFormat | None) -> tuple[dict | None, str]:
+    if fmt is None or fmt.type == "text":
+        return None, "response_format"
+    if fmt.type == "json_object":
+        return JSON_OBJECT_SCHEMA, "response_format"
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise APIError(400, "response_format json_schema needs a non-empty 'schema'", param="response_format.json_schema")
+    return fmt.json_schema.schema_, "response_format.json_schema"
+
+
+def _responses_format(text: dict | None) -> tuple[dict | None, str]:
+    fmt = (text or {}).get("format") or {"type": "text"}
+    kind = fmt.get("type")
+    if kind == "text":
+        return None, "text.format"
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA, "text.format"
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict) or not fmt["schema"]:
+            raise APIError(400, "text.format json_schema needs a non-empty 'schema'", param="text.format.schema")
+        return fmt["schema"], "text.format.schema"
+    raise APIError(400, f"unknown text.format type {kind!r}", param="text.format.type")
+
+
+def _structure(tool_list, choice, fmt: tuple[dict | None, str]) -> tuple[list, dict | None, str | None]:
+    """The functions offered and the answer's schema: a forced tool call's, else the format's."""
+    try:
+        fns = tools.functions(tool_list or [])
+        call = tools.call_schema(fns, choice)
+    except tools.ToolError as e:
+        raise APIError(400, str(e), param="tools" if "tool_choice" not in str(e) else "tool_choice") from None
+    if call is not None:
+        return fns, call, "tools"
+    return fns, fmt[0], fmt[1]
+
+
+def _response_input(body: P.ResponsesRequest) -> tuple[list[dict], list[str], list[str | None]]:
+    """Responses API input items -> chat messages (OpenAI parts), image URLs and details."""
+    messages: list[dict] = []
+    urls: list[str] = []
+    details: list[str | None] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            messages.append({"role": "assistant", "content": None, "tool_calls": [
+                {"id": item.get("call_id", ""), "type": "function",
+                 "function": {"name": item.get("name", ""), "arguments": item.get("arguments", "{}")}}]})
+            continue
+        if kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": str(item.get("output", ""))})
+            continue
+        if kind != "message" or item.get("role") not in ("user", "assistant", "system", "developer"):
+            raise APIError(400, f"unsupported input item {kind!r} / role {item.get('role')!r}", param="input")
+        content = item.get("content")
+        if isinstance(content, str):
+            messages.append({"role": item["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise APIError(400, "input message content must be a string or a list of parts", param="input")
+        parts = []
+        for part in content:
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif ptype == "input_image" and isinstance(part.get("image_url"), str):
+                urls.append(part["image_url"])
+                details.append(part.get("detail") if part.get("detail") in ("low", "high", "auto") else None)
+                parts.append({"type": "image"})
+            else:
+                raise APIError(400, f"unsupported input content part {ptype!r}", param="input")
+        messages.append({"role": item["role"], "content": parts})
+    return messages, urls, details
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _stream(run: Run, cm: ChatModel, body: P.ChatCompletionRequest, mode: str, cid: str, created: int, metrics,
+                  fns: list):
+    """Chat completion chunks. With tools on offer the answer is held back until it is known to
+    be a call (`tool_calls` delta) or text (`content` delta); the reasoning streams as it comes."""
     model = body.model
     splitter = MarkerSplitter(thinking=mode == "think")
-    yield sse(P.chunk(cid, model, created, {"role": "assistant", "content": ""}))
+    yield _sse(P.chunk(cid, model, created, {"role": "assistant", "content": ""}))
     tokens = thinking = 0
     reason = "stop"
+    held = ""
     try:
-        async for ev in events:
+        async for ev in run.events():
             tokens += 1
             thinking += ev.thinking
             logprobs = None
             if body.logprobs:
                 logprobs = {"content": [_logprobs(cm.tokenizer, ev.token_id, ev.logprob, ev.top_logprobs)]}
             deltas = splitter.push(ev.text, final=ev.finish_reason is not None)
+            if fns:
+                held += "".join(d.text for d in deltas if d.kind == "answer")
+                deltas = [d for d in deltas if d.kind != "answer"]
             for i, d in enumerate(deltas or [None]):
                 if d is None and logprobs is None:
                     continue
                 delta = {} if d is None else {("reasoning_content" if d.kind == "thinking" else "content"): d.text}
-                yield sse(P.chunk(cid, model, created, delta, logprobs=logprobs if i == 0 else None))
+                yield _sse(P.chunk(cid, model, created, delta, logprobs=logprobs if i == 0 else None))
+            if ev.finish_reason is not None:
+                reason = ev.finish_reason
+    except Exception as e:
+        kind = "timeout" if isinstance(e, TimeoutError) else "server_busy" if isinstance(e, ShuttingDown) else "server_error"
+        metrics.requests.labels("timeout" if kind == "timeout" else "error").inc()
+        yield _sse(P.error_body(str(e), kind))
+        yield "data: [DONE]\n\n"
+        return
+    if fns:
+        calls = tools.parse_calls(held.strip(), fns)
+        if calls:
+            reason = "tool_calls"
+            delta = {"tool_calls": [{"index": k, **c.to_openai()} for k, c in enumerate(calls)]}
+            yield _sse(P.chunk(cid, model, created, delta))
+        elif held:
+            yield _sse(P.chunk(cid, model, created, {"content": held.strip()}))
+    u = run.finish(tokens, thinking, reason)
+    yield _sse(P.chunk(cid, model, created, {}, finish=reason))
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse({**P.chunk(cid, model, created, None), "usage": P.usage_body(u)})
+    yield "data: [DONE]\n\n"
+
+
+async def _response_stream(run: Run, body: P.ResponsesRequest, mode: str, rid: str, created: int, metrics,
+                           fns: list, summary: bool, model: str):
+    """Responses API events, in the order the API sends them: created, in_progress, then per
+    output item added -> deltas -> done, and completed (or failed)."""
+    seq = 0
+
+    def event(kind: str, **fields) -> str:
+        nonlocal seq
+        seq += 1
+        obj = {"type": kind, "sequence_number": seq, **fields}
+        return f"event: {kind}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    shell = P.response_body(rid, created, model, [], None, body, status="in_progress")
+    yield event("response.created", response=shell)
+    yield event("response.in_progress", response=shell)
+    splitter = MarkerSplitter(thinking=mode == "think")
+    tokens = thinking_tokens = 0
+    reason, raw, thinking = "stop", "", ""
+    msg_id, index, opened = "msg_" + uuid.uuid4().hex[:24], 0, False
+    try:
+        async for ev in run.events():
+            tokens += 1
+            thinking_tokens += ev.thinking
+            raw += ev.text
+            for d in splitter.push(ev.text, final=ev.finish_reason is not None):
+                if d.kind == "thinking":
+                    thinking += d.text
+                    continue
+                if fns:
+                    continue  # a call or text: known at the end
+                if not opened:
+                    index = 1 if thinking.strip() else 0
+                    if index:
+                        yield event("response.output_item.added", output_index=0,
+                                    item=P.reasoning_item(thinking.strip(), summary))
+                        yield event("response.output_item.done", output_index=0,
+                                    item=P.reasoning_item(thinking.strip(), summary))
+                    item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
+                    yield event("response.output_item.added", output_index=index, item=item)
+                    yield event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []})
+                    opened = True
+                yield event("response.output_text.delta", item_id=msg_id, output_index=index, content_index=0,
+                            delta=d.text, logprobs=[])
             if ev.finish_reason is not None:
                 reason = ev.finish_reason
     except Exception as e:
         metrics.requests.labels("timeout" if isinstance(e, TimeoutError) else "error").inc()
-        yield sse(P.error_body(str(e), "timeout" if isinstance(e, TimeoutError) else "server_error"))
-        yield "data: [DONE]\n\n"
+        failed = P.response_body(rid, created, model, [], None, body, status="failed")
+        failed["error"] = {"code": "server_error", "message": str(e)}
+        yield event("response.failed", response=failed)
         return
-    u = finish(tokens, thinking, reason)
-    yield sse(P.chunk(cid, model, created, {}, finish=reason))
-    if body.stream_options and body.stream_options.include_usage:
-        yield sse({**P.chunk(cid, model, created, None), "usage": P.usage_body(u)})
-    yield "data: [DONE]\n\n"
+    parsed = parse_completion(raw, mode, stopped_by_length=reason == "length")
+    calls = tools.parse_calls(parsed.answer, fns) if fns else None
+    items = P.response_items(parsed.thinking, parsed.answer, calls, summary, msg_id=msg_id)
+    u = run.finish(tokens, thinking_tokens, reason)
+    if opened:
+        text = items[-1]["content"][0]["text"]
+        yield event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=text,
+                    logprobs=[])
+        yield event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
+                    part=items[-1]["content"][0])
+        yield event("response.output_item.done", output_index=index, item=items[-1])
+    else:
+        for k, item in enumerate(items):
+            yield event("response.output_item.added", output_index=k, item=item)
+            yield event("response.output_item.done", output_index=k, item=item)
+    final = P.response_body(rid, created, model, items, u, body)
+    yield event("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
 
 
 def run(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
