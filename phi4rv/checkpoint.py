@@ -160,6 +160,42 @@ def save_weights(model: Phi4RV, path: str | Path, max_shard_bytes: int = 5 * 2**
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def release_generation_config(cfg: Phi4RVConfig) -> dict:
+    """generation_config.json with the release's keys and sampling defaults, ids from the config."""
+    return {
+        "_from_model_config": True,
+        "bos_token_id": cfg.bos_token_id,
+        "do_sample": True,
+        "eos_token_id": [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "transformers_version": cfg.to_hf()["transformers_version"],
+    }
+
+
+def write_metadata(
+    cfg: Phi4RVConfig, path: str | Path, tokenizer=None, generation_config: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """The files around the weights: config.json (with `dtype` the weights' dtype),
+    preprocessor_config.json, generation_config.json and, given a tokenizer, its files."""
+    from phi4rv.processing.image import ImageProcessorConfig
+
+    path = Path(path)
+    if dtype is not None:
+        cfg = cfg.replace(raw={**cfg.raw, "dtype": str(dtype).removeprefix("torch.")})
+    cfg.save(path)
+    image_cfg = ImageProcessorConfig(
+        patch_size=cfg.vision.patch_size, min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches
+    )
+    (path / "preprocessor_config.json").write_text(json.dumps(image_cfg.to_dict(), indent=2) + "\n")
+    gen = generation_config or release_generation_config(cfg)
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
 def save_checkpoint(
     model: Phi4RV,
     out: str | Path,
@@ -169,32 +205,13 @@ def save_checkpoint(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write a complete checkpoint folder atomically: a crash mid-save leaves any previous one intact."""
-    from phi4rv.processing.image import ImageProcessorConfig
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        cfg = model.cfg
-        if dtype is not None:
-            cfg = cfg.replace(raw={**cfg.raw, "dtype": str(dtype).removeprefix("torch.")})
-        cfg.save(tmp)
+        weights_dtype = dtype or next(t.dtype for t in model.state_dict().values() if t.is_floating_point())
+        write_metadata(model.cfg, tmp, tokenizer, generation_config, weights_dtype)
         save_weights(model, tmp, max_shard_bytes, dtype)
-        image_cfg = ImageProcessorConfig(
-            patch_size=cfg.vision.patch_size, min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches
-        )
-        (tmp / "preprocessor_config.json").write_text(json.dumps(image_cfg.to_dict(), indent=2) + "\n")
-        gen = generation_config or {
-            "bos_token_id": cfg.bos_token_id,
-            "eos_token_id": [cfg.eos_token_id] if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id,
-            "pad_token_id": cfg.pad_token_id,
-            "do_sample": True,
-            "temperature": 0.8,
-            "top_p": 0.95,
-        }
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     model = Phi4RV(cfg)
     model.init_weights()
     with tempfile.TemporaryDirectory() as tok_dir:
-        build_phi4_tokenizer(tok_dir, chat_template=DEFAULT_CHAT_TEMPLATE)
+        build_phi4_tokenizer(tok_dir, model_max_length=cfg.max_length, chat_template=DEFAULT_CHAT_TEMPLATE)
         tokenizer = Tokenizer.from_dir(tok_dir)
     save_checkpoint(model, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
     n = sum(p.numel() for p in model.parameters())

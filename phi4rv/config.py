@@ -71,6 +71,34 @@ class DecoderConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
 
+# Keys the release's config.json holds that the forward pass does not read, with the release's
+# values: written when a config lacks them, so every checkpoint phi4rv saves holds the release's
+# keys (llama.cpp's converter, vLLM and the release's own code read some of them).
+RELEASE_DEFAULTS: dict[str, Any] = {
+    "auto_map": {
+        "AutoConfig": "modeling_phi4_visionr.Phi4VisionR",
+        "AutoModelForCausalLM": "modeling_phi4_visionr.Phi4ForCausalLMV",
+        "AutoProcessor": "processing_phi4_visionr.Phi4VisionRProcessor",
+    },
+    "attention_dropout": 0.0,
+    "dtype": "bfloat16",
+    "embd_pdrop": 0.0,
+    "freeze_mm_mlp_adapter": False,
+    "image_aspect_ratio": "square",
+    "initializer_range": 0.02,
+    "mm_projector_lr": 2e-05,
+    "resid_pdrop": 0.0,
+    "rope_scaling": None,
+    "sliding_window": None,
+    "tokenizer_padding_side": "right",
+    "transformers_version": "4.56.1",
+    "tune_mm_mlp_adapter": False,
+    "unfreeze_vision_tower": True,
+    "use_cache": False,
+    "use_mm_proj": True,
+    "use_s2": False,
+}
+
 # Fields we own at the top level of config.json: python name -> json name.
 _DECODER_KEYS = {f.name: f.name for f in fields(DecoderConfig)}
 _VISION_KEYS = {f.name: f.name for f in fields(VisionConfig)}
@@ -135,7 +163,11 @@ class Phi4RVConfig:
         d = dict(self.raw)
         d.setdefault("architectures", ["Phi4ForCausalLMV"])
         d.setdefault("model_type", "phi4-siglip")
+        for k, v in RELEASE_DEFAULTS.items():
+            d.setdefault(k, v)
         d.update(asdict(self.decoder))
+        if d.get("original_max_position_embeddings") is None:  # never null: llama.cpp's converter reads it
+            d["original_max_position_embeddings"] = self.decoder.max_position_embeddings
         d["rope_theta"] = int(self.decoder.rope_theta) if float(self.decoder.rope_theta).is_integer() else self.decoder.rope_theta
         d.setdefault("tie_word_embeddings", False)
         d.setdefault("hidden_act", "silu")
@@ -161,7 +193,8 @@ class Phi4RVConfig:
                 continue
             vd[k] = v
         d["vision_config"] = vd
-        return d
+        # The release's order: keys sorted, the nested vision config last (as transformers writes them).
+        return {k: d[k] for k in sorted(d) if k != "vision_config"} | {"vision_config": vd}
 
     @classmethod
     def load(cls, path: str | Path) -> Phi4RVConfig:

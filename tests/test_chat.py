@@ -80,9 +80,9 @@ def tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def hf(tok_dir):
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(tok_dir)
+    return PreTrainedTokenizerFast.from_pretrained(tok_dir)  # not AutoTokenizer: see README, transformers 5
 
 
 def _hf_encode(hf, messages, template, add_generation_prompt):

@@ -14,6 +14,7 @@ from phi4rv.train import loop
 from phi4rv.train.config import load_config
 from phi4rv.train.metrics import read_metrics
 from phi4rv.train.toy import TINY_OVERRIDES, build_byte_tokenizer, toy_config, write_toy
+from release_files import layout_differences
 
 
 def tiny(vocab=352) -> Phi4RV:
@@ -72,11 +73,13 @@ def test_export_merged_is_a_release_checkpoint(tmp_path):
     randomise_adapters(model)
     with torch.no_grad():
         expected = model(**inputs())
-    export_merged(model, tmp_path / "merged")
+    tokenizer = Tokenizer.from_dir(build_byte_tokenizer(tmp_path / "tok"))
+    export_merged(model, tmp_path / "merged", tokenizer=tokenizer)
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # the training model is untouched
     loaded = load_model(tmp_path / "merged")  # strict: no lora keys, nothing missing
     with torch.no_grad():
         assert (loaded(**inputs()) - expected).abs().max() < 1e-5
+    assert layout_differences(tmp_path / "merged") == []  # the release's files around the weights
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,13 @@ def test_recipe_writes_a_report_and_a_model_chat_can_use(recipe_runs):
     assert json.loads(out.stdout)["usage"]["completion_tokens"] >= 1
 
 
+def test_final_model_has_the_release_files(recipe_runs):
+    from release_files import layout_differences
+
+    root, _, _ = recipe_runs
+    assert layout_differences(root / "a" / "model") == []
+
+
 def test_rerun_skips_finished_steps(recipe_runs, capsys):
     from phi4rv.recipe.run import run_recipe
 

@@ -150,18 +150,31 @@ def test_unknown_token_error_is_clear(tok):
 
 
 def test_transformers_loads_the_files_with_the_same_ids(tok, tok_dir):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    """The way README tells transformers users to load a phi4rv (or release) tokenizer folder."""
+    from transformers import PreTrainedTokenizerFast
 
-    fast = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
-    auto = AutoTokenizer.from_pretrained(tok_dir)
+    fast = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     texts = [*CORPUS, "<|im_start|>user<|im_sep|>(hello) I'M 12345<|im_end|><|dummy_84|>"]
     for text in texts:
         ours = tok.encode(text)
         assert fast.encode(text, add_special_tokens=False) == ours, text
-        assert auto.encode(text, add_special_tokens=False) == ours, text
-        assert auto.decode(ours) == tok.decode(ours)
-    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert len(auto) == tok.vocab_size
+        assert fast.decode(ours) == tok.decode(ours)
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert len(fast) == tok.vocab_size
+
+
+def test_transformers_5_autotokenizer_mishandles_gpt2tokenizer(tok, tok_dir):
+    """Why README says not to use AutoTokenizer in transformers 5: the release's `GPT2Tokenizer`
+    class (which phi4rv writes too) gets GPT-2's own pre-tokenizer there, and the ids change.
+    When this starts failing, transformers has fixed it and README can say AutoTokenizer again."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 loads GPT2Tokenizer folders through tokenizer.json")
+    auto = AutoTokenizer.from_pretrained(tok_dir)
+    text = "tabs\tand\nnewlines\r\nmixed"
+    assert auto.encode(text, add_special_tokens=False) != tok.encode(text)
 
 
 def test_from_dir_prefers_chat_template_jinja(tok, tok_dir, tmp_path):

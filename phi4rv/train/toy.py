@@ -38,6 +38,7 @@ from phi4rv.processing.tokenizer import (
     TOKENIZER_FILE,
     bytes_to_unicode,
     phi4_special_tokens,
+    release_tokenizer_config,
 )
 
 TOY_SYSTEM = "Answer briefly. Reason in <think></think> first when needed."
@@ -85,14 +86,7 @@ def build_byte_tokenizer(out_dir: str | Path, chat_template: str = TOY_TEMPLATE,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / TOKENIZER_FILE))
-    config = {
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|dummy_85|>",
-        "unk_token": "<|endoftext|>",
-        "model_max_length": 4096,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
+    config = release_tokenizer_config(tok, model_max_length=4096)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     (out / TEMPLATE_FILE).write_text(chat_template)
     return out
