@@ -1,0 +1,272 @@
+"""llama.cpp interop, run by hand (not in CI): does llama.cpp take what phi4rv saves, and compute the same?
+
+phi4rv saves a random mid-size checkpoint (Phi-4-shaped decoder, small SigLIP-2 tower); llama.cpp's own
+converter (`convert_hf_to_gguf.py` from the llama-cpp-python source distribution, which vendors
+llama.cpp) turns it into GGUF files (f32, bf16, q8_0) and a vision projector (`--mmproj`), with no
+edits to the saved files. llama-cpp-python then decodes greedily from the same prompt ids as phi4rv
+(the checkpoint loaded back by phi4rv, fp32 and bf16), both in this process, alternating runs:
+
+- agreement: how many of the new tokens equal phi4rv fp32's greedy tokens (f32 must agree on all);
+- logprob gap: llama.cpp's log-probability of phi4rv fp32's tokens (teacher-forced) minus phi4rv's;
+- decode tokens/s of every side (min/median over the repeats) and their ratio;
+- whether llama.cpp's multimodal library loads the projector next to the text model.
+
+Setup (llama-cpp-python is not a phi4rv dependency):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36
+    tar xzf llama_cpp_python-0.3.36.tar.gz
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install ./llama_cpp_python-0.3.36.tar.gz gguf   # compiles llama.cpp
+    # llama.cpp's converter pins transformers 4 (requirements-convert_hf_to_gguf.txt); with transformers 5
+    # it labels the tokenizer's pre-tokenizer wrongly (see bench/README.md). Give it its own copy:
+    pip install --target /tmp/convert-env "transformers==4.57.6"
+    python bench/interop_llamacpp.py --llama-cpp llama_cpp_python-0.3.36/vendor/llama.cpp \\
+        --converter-path /tmp/convert-env --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, print_table, write_json  # noqa: E402
+
+from phi4rv.checkpoint import load_model, save_checkpoint  # noqa: E402
+from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from phi4rv.generation.generate import GenerationParams, Request, generate  # noqa: E402
+from phi4rv.model import Phi4RV  # noqa: E402
+from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer  # noqa: E402
+
+OUTTYPES = ("f32", "bf16", "q8_0")
+
+
+def mid_config(tiny: bool) -> Phi4RVConfig:
+    """A ~0.3B Phi-4-shaped decoder (Phi-4's vocabulary, GQA 4:1, head dim 64) and a small vision tower."""
+    if tiny:
+        decoder = DecoderConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=4096)
+    else:
+        decoder = DecoderConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                                num_key_value_heads=4, max_position_embeddings=4096)
+    vision = VisionConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3)
+    return Phi4RVConfig(vision=vision, projector=ProjectorConfig(128, decoder.hidden_size), decoder=decoder,
+                        vision_tower="phi4rv/siglip2-mid-patch16-naflex", min_num_patches=16, max_num_patches=256,
+                        max_length=4096)
+
+
+def convert(llama_cpp: Path, converter_path: str | None, ckpt: Path, out: Path, outtype: str, mmproj: bool) -> tuple[float, str]:
+    """Run llama.cpp's converter as a user would; returns (seconds, the log's last lines)."""
+    env = dict(os.environ)
+    paths = [p for p in (converter_path, str(llama_cpp / "gguf-py"), env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(out), "--outtype", outtype]
+    if mmproj:
+        cmd.append("--mmproj")
+    t0 = time.perf_counter()
+    # stdin closed: the converter asks whether to run the checkpoint's remote code (auto_map) and must hear "no"
+    p = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-5:])
+    if p.returncode != 0:
+        raise SystemExit(f"conversion to {outtype}{' (mmproj)' if mmproj else ''} failed:\n{tail}")
+    return dt, tail
+
+
+def gguf_field(path: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(path)).fields.get(key)
+    return None if f is None else bytes(f.parts[f.data[0]]).decode()
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    m = row.max()
+    return row - m - np.log(np.exp(row - m).sum())
+
+
+class LlamaSide:
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                         logits_all=True, verbose=False)
+
+    def greedy(self, prompt: list[int], n: int) -> dict:
+        llm = self.llm
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        out = []
+        for i in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if i < n - 1:
+                llm.eval([out[-1]])
+        t2 = time.perf_counter()
+        return {"tokens": out, "prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+    def logprobs_of(self, prompt: list[int], tokens: list[int]) -> list[float]:
+        """Teacher-forced: the log-probability of each of `tokens` after the prompt and the ones before it."""
+        llm = self.llm
+        llm.reset()
+        llm.eval(prompt + tokens[:-1])
+        start = len(prompt) - 1
+        return [float(log_softmax(llm.scores[start + i])[t]) for i, t in enumerate(tokens)]
+
+    def accepts_projector(self, mmproj: Path, threads: int) -> bool:
+        from llama_cpp import mtmd_cpp
+
+        params = mtmd_cpp.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = threads
+        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
+        if not ctx:
+            return False
+        ok = bool(mtmd_cpp.mtmd_support_vision(ctx))
+        mtmd_cpp.mtmd_free(ctx)
+        return ok
+
+
+def phi4rv_greedy(model: Phi4RV, tok: Tokenizer, prompt: list[int], n: int) -> dict:
+    timing: dict[str, float] = {}
+    g = generate(model, tok, [Request(input_ids=prompt)], GenerationParams(max_new_tokens=n), timing)[0]
+    return {"tokens": g.token_ids, "logprobs": g.logprobs, "prefill_s": timing["prefill"], "decode_s": timing["decode"]}
+
+
+def agreement(tokens: list[int], ref: list[int]) -> int:
+    """Length of the common prefix: after the first different token the continuations are unrelated."""
+    n = 0
+    for a, b in zip(tokens, ref):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (the sdist's vendor/llama.cpp)")
+    p.add_argument("--converter-path", default=None,
+                   help="prepended to PYTHONPATH for the converter (a folder with transformers 4 installed)")
+    p.add_argument("--out", type=Path, default=None, help="keep the checkpoint and GGUF files here (default: temporary)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    try:
+        import llama_cpp
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed: see the setup in this script's docstring") from None
+    if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
+        raise SystemExit(f"{args.llama_cpp} has no convert_hf_to_gguf.py: pass the sdist's vendor/llama.cpp")
+    torch.set_num_threads(args.threads)
+
+    tmp = tempfile.TemporaryDirectory() if args.out is None else None
+    root = Path(tmp.name) if tmp else args.out
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = root / "phi4rv-mid"
+
+    # 1. phi4rv saves a random checkpoint, as after fine-tuning: fp32 weights, Phi-4 tokenizer, release files.
+    torch.manual_seed(args.seed)
+    model = Phi4RV(mid_config(args.tiny))
+    model.init_weights()
+    with tempfile.TemporaryDirectory() as tok_dir:
+        build_phi4_tokenizer(tok_dir, model_max_length=model.cfg.max_length)
+        tok = Tokenizer.from_dir(tok_dir)
+    save_checkpoint(model, ckpt, tokenizer=tok)
+    n_params = sum(t.numel() for t in model.decoder.parameters())
+    del model
+
+    # 2. llama.cpp's converter, on the folder as saved.
+    converted, ggufs = {}, {}
+    for outtype in OUTTYPES:
+        ggufs[outtype] = root / f"phi4rv-mid-{outtype}.gguf"
+        converted[outtype], _ = convert(args.llama_cpp, args.converter_path, ckpt, ggufs[outtype], outtype, False)
+    mmproj = root / "phi4rv-mid-mmproj-f32.gguf"
+    mmproj_s, _ = convert(args.llama_cpp, args.converter_path, ckpt, mmproj, "f32", True)
+    pre = gguf_field(ggufs["f32"], "tokenizer.ggml.pre")
+
+    # 3. The same prompt ids on every side.
+    rng = np.random.default_rng(args.seed)
+    prompt = [int(x) for x in rng.integers(0, NUM_REGULAR, args.prompt_tokens)]
+    n = args.new_tokens
+    ours = {"phi4rv fp32": load_model(ckpt, dtype=torch.float32), "phi4rv bf16": load_model(ckpt, dtype=torch.bfloat16)}
+    theirs = {f"llama.cpp {t}": LlamaSide(ggufs[t], args.threads, args.prompt_tokens + n + 8) for t in OUTTYPES}
+    projector_ok = theirs["llama.cpp f32"].accepts_projector(mmproj, args.threads)
+
+    runs: dict[str, list[dict]] = {k: [] for k in [*ours, *theirs]}
+    for _ in range(1 + args.repeats):  # the first round warms up and is dropped; sides alternate run by run
+        for name, m in ours.items():
+            runs[name].append(phi4rv_greedy(m, tok, prompt, n))
+        for name, side in theirs.items():
+            runs[name].append(side.greedy(prompt, n))
+    runs = {k: v[1:] for k, v in runs.items()}
+
+    ref = runs["phi4rv fp32"][-1]
+    rows, figures = [], {}
+    for name, rs in runs.items():
+        rates = [(n - 1) / r["decode_s"] for r in rs]
+        e2e = [n / (r["prefill_s"] + r["decode_s"]) for r in rs]
+        fig = {"decode_tok_s_median": statistics.median(rates), "decode_tok_s_best": max(rates),
+               "end_to_end_tok_s_median": statistics.median(e2e),
+               "agree": agreement(rs[-1]["tokens"], ref["tokens"]),
+               "same_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs)}
+        if name in theirs:
+            lp = theirs[name].logprobs_of(prompt, ref["tokens"])
+        else:
+            lp = phi4rv_greedy_logprobs(ours[name], prompt, ref["tokens"])
+        gap = np.abs(np.array(lp) - np.array(ref["logprobs"]))
+        fig["logprob_gap_max"], fig["logprob_gap_mean"] = float(gap.max()), float(gap.mean())
+        figures[name] = fig
+    base = {"fp32": figures["phi4rv fp32"]["decode_tok_s_median"], "bf16": figures["phi4rv bf16"]["decode_tok_s_median"]}
+    for name, fig in figures.items():
+        same_precision = base["bf16"] if ("bf16" in name or "q8_0" in name) else base["fp32"]
+        rows.append([name, f"{fig['agree']}/{n}", f"{fig['logprob_gap_max']:.2e}", f"{fig['logprob_gap_mean']:.2e}",
+                     f"{fig['decode_tok_s_median']:.1f}", f"{fig['decode_tok_s_best']:.1f}",
+                     f"{fig['end_to_end_tok_s_median']:.1f}", f"{fig['decode_tok_s_median'] / same_precision:.2f}"])
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} threads, load avg {os.getloadavg()[0]:.2f}; "
+          f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}")
+    print(f"model: {n_params / 1e6:.0f}M decoder parameters (vocab {NUM_REGULAR + 96}), prompt {args.prompt_tokens} ids, "
+          f"{n} new tokens greedy, {args.repeats} timed rounds after 1 warm-up, sides alternating")
+    print(f"conversion of phi4rv's save, unedited: " + ", ".join(f"{t} {s:.1f} s" for t, s in converted.items())
+          + f", mmproj {mmproj_s:.1f} s; tokenizer.ggml.pre = {pre!r} (Phi-4's is 'dbrx')")
+    print(f"vision projector: llama.cpp's mtmd {'loads it and reports vision support' if projector_ok else 'REFUSES it'}")
+    print_table(["side", "greedy agree (prefix)", "logprob gap max", "gap mean", "decode tok/s median",
+                 "best", "end-to-end tok/s", "vs phi4rv same precision"], rows)
+    print(f"peak RSS of this process (all sides loaded together): {peak_gib:.2f} GiB")
+    write_json(args.json, {"figures": figures, "pre_tokenizer": pre, "projector_accepted": projector_ok,
+                           "conversion_s": converted, "decoder_params": n_params, "peak_rss_gib": peak_gib})
+    if figures["llama.cpp f32"]["agree"] != n:
+        raise SystemExit(f"f32 greedy tokens disagree after {figures['llama.cpp f32']['agree']} of {n}")
+
+
+def phi4rv_greedy_logprobs(model: Phi4RV, prompt: list[int], tokens: list[int]) -> list[float]:
+    """Teacher-forced log-probabilities of `tokens` under a phi4rv model (one forward pass)."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    positions = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        h = model.decoder(model.decoder.embed_tokens(ids), positions, None, None)
+        logits = model.decoder.lm_head(h[0, len(prompt) - 1:]).float()
+    lp = torch.log_softmax(logits, -1)
+    return [float(lp[i, t]) for i, t in enumerate(tokens)]
+
+
+if __name__ == "__main__":
+    main()
