@@ -102,11 +102,13 @@ def log_softmax(row: np.ndarray) -> np.ndarray:
 
 
 class LlamaSide:
-    def __init__(self, path: Path, threads: int, n_ctx: int):
-        from llama_cpp import Llama
+    def __init__(self, path: Path, threads: int, n_ctx: int, f32_cache: bool):
+        from llama_cpp import GGML_TYPE_F32, Llama
 
+        # llama.cpp keeps K and V in f16 by default; the f32 model gets an f32 cache so that it is f32 throughout
+        cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         logits_all=True, verbose=False)
+                         logits_all=True, verbose=False, **cache)
 
     def greedy(self, prompt: list[int], n: int) -> dict:
         llm = self.llm
@@ -171,6 +173,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--f16-cache", action="store_true", help="llama.cpp f32 with its default f16 KV cache")
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -212,7 +215,8 @@ def main() -> None:
     prompt = [int(x) for x in rng.integers(0, NUM_REGULAR, args.prompt_tokens)]
     n = args.new_tokens
     ours = {"phi4rv fp32": load_model(ckpt, dtype=torch.float32), "phi4rv bf16": load_model(ckpt, dtype=torch.bfloat16)}
-    theirs = {f"llama.cpp {t}": LlamaSide(ggufs[t], args.threads, args.prompt_tokens + n + 8) for t in OUTTYPES}
+    theirs = {f"llama.cpp {t}": LlamaSide(ggufs[t], args.threads, args.prompt_tokens + n + 8, t == "f32" and not args.f16_cache)
+              for t in OUTTYPES}
     projector_ok = theirs["llama.cpp f32"].accepts_projector(mmproj, args.threads)
 
     runs: dict[str, list[dict]] = {k: [] for k in [*ours, *theirs]}
@@ -254,6 +258,7 @@ def main() -> None:
           f"{n} new tokens greedy, {args.repeats} timed rounds after 1 warm-up, sides alternating")
     print(f"conversion of phi4rv's save, unedited: " + ", ".join(f"{t} {s:.1f} s" for t, s in converted.items())
           + f", mmproj {mmproj_s:.1f} s; tokenizer.ggml.pre = {pre!r} (Phi-4's is 'dbrx')")
+    print(f"llama.cpp KV cache: {'f16 for all' if args.f16_cache else 'f32 for the f32 model, f16 (its default) for the others'}")
     print(f"vision projector: llama.cpp's mtmd {'loads it and reports vision support' if projector_ok else 'REFUSES it'}")
     print_table(["side", "greedy agree (prefix)", "logprob gap max", "gap mean", "decode tok/s median",
                  "best", "end-to-end tok/s", "vs phi4rv same precision"], rows)
