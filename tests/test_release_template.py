@@ -71,9 +71,10 @@ def tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def hf(tok_dir):
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    return AutoTokenizer.from_pretrained(tok_dir)
+    # not AutoTokenizer: transformers 5 gives a GPT2Tokenizer folder GPT-2's split (README, transformers)
+    return PreTrainedTokenizerFast.from_pretrained(tok_dir)
 
 
 def release_processor(hf, template, messages, mode, grids, add_generation_prompt=True):
