@@ -20,8 +20,20 @@ import torch
 from phi4rv.checkpoint import load_model
 from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate, generate_stream
 from phi4rv.model.vlm import Phi4RV
-from phi4rv.processing.chat import MODES, NOTHINK_TOKEN, THINK_END, THINK_START, encode_chat, parse_completion
-from phi4rv.processing.image import ImageProcessorConfig, ImageSource, process_image
+from phi4rv.generation.grammar import Grammar
+from phi4rv.generation.sampling import SamplingParams
+from phi4rv.processing.chat import (
+    MODES,
+    NOTHINK_TOKEN,
+    THINK_END,
+    THINK_START,
+    Grounding,
+    encode_chat,
+    ground,
+    grounding_prompt,
+    parse_completion,
+)
+from phi4rv.processing.image import ImageProcessorConfig, ImageSource, image_size, process_image
 from phi4rv.processing.tokenizer import Tokenizer
 
 MARKERS = (THINK_START, THINK_END, NOTHINK_TOKEN)
@@ -90,6 +102,8 @@ class MarkerSplitter:
             out.append(Delta("thinking" if self.thinking else "answer", text))
 
 
+_FRACTION = r"(0\.[0-9]{4}|1\.0000)"
+BOX_PATTERN = r"\[" + ", ".join([_FRACTION] * 4) + r"\]"  # the release's grounding answer
 DETAILS = ("low", "high", "auto")
 LOW_DETAIL_PATCHES = 256
 
@@ -226,3 +240,13 @@ class ChatModel:
                 )
             )
         return results
+
+    def ground(self, image: ImageSource, target: str, params: GenerationParams | None = None) -> tuple[Grounding | None, ChatResult]:
+        """Locate a UI element: the release's grounding prompt, answered directly; the box is in
+        the pixels of `image` as given (None when the answer holds no valid box)."""
+        params = params or self.params(max_new_tokens=64, sampling=SamplingParams(temperature=0))
+        if params.grammar is None:  # the answer is a box in the release's format, always
+            params = replace(params, grammar=Grammar(BOX_PATTERN, self.tokenizer))
+        result = self.chat([{"role": "user", "content": grounding_prompt(target)}], [image], "nothink", params)
+        width, height = image_size(image)
+        return ground(result.answer, width, height), result

@@ -98,6 +98,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         thinking_budget=args.thinking_budget,
         top_logprobs=args.top_logprobs,
     )
+    if args.ground is not None:
+        _ground(cm, args, params)
+        return
     if args.prompt is not None:
         messages = _messages(args.prompt, len(args.image))
         if args.json:
@@ -124,6 +127,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
         else:
             answer = _print_stream(cm, history, images, args.mode, params)
         history.append({"role": "assistant", "content": answer})
+
+
+def _ground(cm, args: argparse.Namespace, params) -> None:
+    if len(args.image) != 1:
+        raise ValueError("--ground needs exactly one --image")
+    found, result = cm.ground(args.image[0], args.ground, params)
+    if found is None:
+        raise ValueError(f"no valid box in the model's answer: {result.answer[:200]!r}")
+    print(json.dumps({**found.to_json(), "answer": result.answer}))
+    if args.draw is not None:
+        from PIL import Image, ImageDraw
+
+        from phi4rv.processing.image import load_image
+
+        img: Image.Image = load_image(args.image[0])
+        draw = ImageDraw.Draw(img)
+        x, y, w, h = found.pixels
+        draw.rectangle([x, y, x + w, y + h], outline=(255, 0, 0), width=3)
+        px, py = found.point
+        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(255, 0, 0))
+        img.save(args.draw)
 
 
 def _print_stream(cm, messages, images, mode, params) -> str:
@@ -208,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as stored")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    s.add_argument("--ground", metavar="TARGET", help="locate a UI element in the --image: prints its pixel box and click point")
+    s.add_argument("--draw", type=Path, metavar="OUT.png", help="with --ground: the image with the box and point drawn")
     s.add_argument("prompt", nargs="?", help="without a prompt: interactive session")
     s.set_defaults(func=cmd_chat)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from phi4rv.chat_model import ChatModel
-from phi4rv.generation.core import Core, GenerationParams, PrefixStore, Request, Sequence
+from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.model import expand_image_tokens
@@ -209,3 +209,47 @@ def test_image_hash_differs_for_different_pixels(images_dir):
     a = process_image(images_dir / "photo.jpg", cfg)
     b = process_image(images_dir / "desktop_screenshot.png", cfg)
     assert image_hash(a) != image_hash(b) and image_hash(a) == image_hash(process_image(images_dir / "photo.jpg", cfg))
+
+
+@pytest.fixture(scope="module")
+def think_tokens_ckpt(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with `<think>` / `</think>` as single added tokens in two placeholder
+    slots (Phi-4-reasoning repurposed two placeholders this way; the slots here are an assumption)."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("think_tokens") / "model"
+    shutil.copytree(tiny_ckpt, path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        if added["content"] in ("<|dummy_16|>", "<|dummy_17|>"):
+            added.update(content="<think>" if added["content"] == "<|dummy_16|>" else "</think>", special=False)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return path
+
+
+def test_single_token_markers_bind_split_and_budget(think_tokens_ckpt):
+    cm = ChatModel.load(think_tokens_ckpt, device="cpu")
+    open_id, close_id = cm.tokenizer.encode(THINK_START), cm.tokenizer.encode(THINK_END)
+    assert len(open_id) == len(close_id) == 1 and open_id != close_id
+    # nothink: the reasoning markers are banned wherever they would come.
+    model = prefer(cm.model, open_id[0])
+    g = generate(model, cm.tokenizer, [req(cm, "Hi", mode="nothink")], params(6))[0]
+    assert open_id[0] not in g.token_ids and close_id[0] not in g.token_ids
+    # think: no empty reasoning; the budget's forced close is the one </think> token.
+    model = prefer(cm.model, close_id[0])
+    g = generate(model, cm.tokenizer, [req(cm, "Hi", mode="think")], params(8))[0]
+    assert g.token_ids[0] != close_id[0] and g.token_ids.count(close_id[0]) == 1
+    from phi4rv.processing.chat import encode_chat, parse_completion
+
+    parsed = parse_completion(g.text, "think")
+    assert parsed.thinking and THINK_END not in parsed.answer
+    forced = cm.tokenizer.encode(FORCED_CLOSE)
+    assert close_id[0] in forced
+    g = generate(cm.model, cm.tokenizer, [req(cm, "Hi", mode="think")], params(10, thinking_budget=2))[0]
+    assert g.token_ids[2 : 2 + len(forced)] == forced
+    # Training: the assistant's markers are the single tokens and carry loss.
+    enc = encode_chat(cm.tokenizer, [{"role": "user", "content": "q"},
+                                     {"role": "assistant", "content": "<think>a</think>b"}], add_generation_prompt=False)
+    marked = [i for i, m in zip(enc.input_ids, enc.assistant_mask) if m]
+    assert marked[0] == open_id[0] and close_id[0] in marked

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from phi4rv.generation.cache import SlotCache
@@ -200,17 +201,19 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
     banned = [s.state.banned() for s in seqs]
     constrained = [s.constraint is not None and s.state.answering for s in seqs]
     if any(banned) or any(constrained):
-        logits = logits.clone()
-        for i, ids in enumerate(banned):
-            if ids:
-                logits[i, ids] = float("-inf")
+        # Masked in numpy on the host: a few vectorised passes, no thread-pool hand-offs per row.
+        masked = raw.cpu().numpy().copy()
+        for i, s in enumerate(seqs):
             if constrained[i]:
-                budget = seqs[i].params.max_new_tokens - seqs[i].state.n
-                allowed = seqs[i].constraint.allowed(logits.shape[-1], budget)
-                m = seqs[i].state.markers
-                if seqs[i].state.mode == "auto" and seqs[i].state.n == 0 and m.open is not None:
+                allowed = s.constraint.allowed(masked.shape[-1], s.params.max_new_tokens - s.state.n)
+                m = s.state.markers
+                if s.state.mode == "auto" and s.state.n == 0 and m.open is not None:
+                    allowed = allowed.copy()
                     allowed[m.open] = True  # auto may still open a reasoning block first
-                logits[i, ~allowed.to(logits.device)] = float("-inf")
+                masked[i][~allowed] = -np.inf
+            if banned[i]:
+                masked[i, banned[i]] = -np.inf
+        logits = torch.from_numpy(masked).to(raw.device)
     if all(s.params.sampling.temperature == 0 for s in seqs):
         tokens = logits.argmax(-1)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-import torch
+import numpy as np
 
 from phi4rv.processing.tokenizer import Tokenizer
 
@@ -80,10 +80,11 @@ class Grammar:
 
     def __init__(self, pattern: str, tokenizer: Tokenizer):
         self.pattern = pattern
+        self.eos = tokenizer.eos_id
         self.index = _index(pattern, _Vocabulary.of(tokenizer))
         self._transitions: dict[int, dict[int, int]] | None = None
         self._distance: dict[int, int] = {}
-        self._closing: dict[int, list[int]] = {}
+        self._closing: dict[int, np.ndarray | None] = {}
 
     def distance(self, state: int) -> int:
         """Fewest tokens from `state` to a complete text (a large number if none)."""
@@ -105,11 +106,17 @@ class Grammar:
                 frontier = nxt
         return self._distance.get(state, 1 << 30)
 
-    def closing(self, state: int) -> list[int]:
-        """The tokens from `state` that bring the text one token closer to complete."""
+    def closing_mask(self, state: int, vocab_size: int) -> np.ndarray | None:
+        """[vocab_size] bool: the tokens from `state` that bring the text one token closer to
+        complete (None if there are none)."""
         if state not in self._closing:
             d = self.distance(state)
-            self._closing[state] = [t for t, b in self._transitions.get(state, {}).items() if self.distance(b) < d]
+            ids = [t for t, b in self._transitions.get(state, {}).items() if self.distance(b) < d]
+            mask = None
+            if ids:
+                mask = np.zeros(vocab_size, dtype=np.bool_)
+                mask[ids] = True
+            self._closing[state] = mask
         return self._closing[state]
 
     @classmethod
@@ -128,29 +135,27 @@ class Constraint:
 
         self.grammar = grammar
         self.guide = Guide(grammar.index)
-        self._words: torch.Tensor | None = None
+        self._words: np.ndarray | None = None
 
-    def allowed(self, vocab_size: int, budget: int | None = None) -> torch.Tensor:
+    def allowed(self, vocab_size: int, budget: int | None = None) -> np.ndarray:
         """[vocab_size] bool: the tokens that keep the text in the language (eos once it is complete).
         With `budget` tokens left (the closing eos included), once the text needs all of them to
         complete, only tokens that bring it closer are allowed: the answer always completes when
         it can."""
         state = self.guide.get_state()
         if budget is not None and not self.guide.is_finished() and budget - 1 <= self.grammar.distance(state) + 1:
-            closing = self.grammar.closing(state)
-            if closing:
-                out = torch.zeros(vocab_size, dtype=torch.bool)
-                out[torch.tensor(closing, dtype=torch.long)] = True
-                return out
+            closing = self.grammar.closing_mask(state, vocab_size)
+            if closing is not None:
+                return closing
         n = (vocab_size + 31) // 32
-        if self._words is None or self._words.numel() != n:
-            self._words = torch.zeros(n, dtype=torch.int32)
-        self.guide.write_mask_into(self._words.data_ptr(), n, 4)
-        bits = (self._words[:, None] >> torch.arange(32, dtype=torch.int32)) & 1
-        return bits.flatten()[:vocab_size].bool()
+        if self._words is None or self._words.size != n:
+            self._words = np.zeros(n, dtype=np.int32)
+        self.guide.write_mask_into(self._words.ctypes.data, n, 4)
+        return np.unpackbits(self._words.view(np.uint8), bitorder="little")[:vocab_size].view(np.bool_)
 
     def advance(self, token: int) -> None:
-        self.guide.advance(token)
+        if token != self.grammar.eos:  # eos ends the text; the language has no transition for it
+            self.guide.advance(token)
 
     @property
     def finished(self) -> bool:

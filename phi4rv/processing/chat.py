@@ -378,10 +378,14 @@ class Grounding:
 
 
 def ground(text: str, width: int, height: int) -> Grounding | None:
-    """A model's grounding answer (its last valid fractional box) in a `width` x `height` image."""
-    box = parse_box(text)
-    if box is None:
+    """A model's grounding answer (its last `[x1, y1, x2, y2]` in fractions; corners in either
+    order) in a `width` x `height` image; None if there is no such box."""
+    matches = _BOX.findall(text)
+    values = [float(v) for v in matches[-1]] if matches else []
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
         return None
+    x1, y1, x2, y2 = values
+    box = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
     x1, y1, x2, y2 = (round(v) for v in to_pixels(box, width, height))
     cx, cy = box_center(box)
     return Grounding(box, (x1, y1, x2 - x1, y2 - y1), (min(round(cx * width), width - 1), min(round(cy * height), height - 1)))

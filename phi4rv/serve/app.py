@@ -611,6 +611,23 @@ def _response_input(body: P.ResponsesRequest) -> tuple[list[dict], list[str], li
     return messages, urls, details
 
 
+class _Trimmed:
+    """Streamed answer text with the whitespace that `parse_completion` strips held back: leading
+    whitespace is dropped, trailing whitespace is sent only once more text follows it."""
+
+    def __init__(self):
+        self.started, self.held = False, ""
+
+    def push(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self.held + text
+        body = text.rstrip()
+        self.held = text[len(body):]
+        return body
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -624,7 +641,7 @@ async def _stream(run: Run, cm: ChatModel, body: P.ChatCompletionRequest, mode: 
     yield _sse(P.chunk(cid, model, created, {"role": "assistant", "content": ""}))
     tokens = thinking = 0
     reason = "stop"
-    held = ""
+    held, trim = "", _Trimmed()
     try:
         async for ev in run.events():
             tokens += 1
@@ -636,6 +653,8 @@ async def _stream(run: Run, cm: ChatModel, body: P.ChatCompletionRequest, mode: 
             if fns:
                 held += "".join(d.text for d in deltas if d.kind == "answer")
                 deltas = [d for d in deltas if d.kind != "answer"]
+            deltas = [d if d.kind != "answer" else type(d)(d.kind, trim.push(d.text)) for d in deltas]
+            deltas = [d for d in deltas if d.text]
             for i, d in enumerate(deltas or [None]):
                 if d is None and logprobs is None:
                     continue
@@ -682,7 +701,7 @@ async def _response_stream(run: Run, body: P.ResponsesRequest, mode: str, rid: s
     splitter = MarkerSplitter(thinking=mode == "think")
     tokens = thinking_tokens = 0
     reason, raw, thinking = "stop", "", ""
-    msg_id, index, opened = "msg_" + uuid.uuid4().hex[:24], 0, False
+    msg_id, index, opened, trim = "msg_" + uuid.uuid4().hex[:24], 0, False, _Trimmed()
     try:
         async for ev in run.events():
             tokens += 1
@@ -694,6 +713,9 @@ async def _response_stream(run: Run, body: P.ResponsesRequest, mode: str, rid: s
                     continue
                 if fns:
                     continue  # a call or text: known at the end
+                text = trim.push(d.text)
+                if not text:
+                    continue
                 if not opened:
                     index = 1 if thinking.strip() else 0
                     if index:
@@ -707,7 +729,7 @@ async def _response_stream(run: Run, body: P.ResponsesRequest, mode: str, rid: s
                                 part={"type": "output_text", "text": "", "annotations": []})
                     opened = True
                 yield event("response.output_text.delta", item_id=msg_id, output_index=index, content_index=0,
-                            delta=d.text, logprobs=[])
+                            delta=text, logprobs=[])
             if ev.finish_reason is not None:
                 reason = ev.finish_reason
     except Exception as e:
