@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from phi4rv.data.dataset import Example
-from phi4rv.model.vlm import IGNORE_INDEX
+from phi4rv.processing.tokens import IGNORE_INDEX
 
 Plan = list[list[list[int]]]  # micro-batch -> row -> positions in the caller's sequence
 

@@ -15,26 +15,7 @@ from phi4rv.config import Phi4RVConfig
 from phi4rv.model.decoder import Decoder, KVCache, RMSNorm
 from phi4rv.model.projector import build_projector
 from phi4rv.model.vision import Grid, VisionEncoder
-
-IMAGE_TOKEN_ID = -200  # placeholder id in input_ids (LLaVA's convention); never embedded
-IGNORE_INDEX = -100
-
-
-def expand_image_tokens(ids: list[int], grids: list[Grid]) -> list[int]:
-    """Repeat each image placeholder h*w times, images taken in order."""
-    count = sum(1 for t in ids if t == IMAGE_TOKEN_ID)
-    if count != len(grids):
-        raise ValueError(f"prompt has {count} <image> tag(s) but {len(grids)} image(s) were given")
-    out: list[int] = []
-    images = iter(grids)
-    for t in ids:
-        if t == IMAGE_TOKEN_ID:
-            h, w = next(images)
-            out.extend([IMAGE_TOKEN_ID] * (h * w))
-        else:
-            out.append(t)
-    return out
-
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens  # noqa: F401  (re-exported)
 
 def attention_mask(
     key_valid: torch.Tensor,  # [B, S] bool: real (not padding) positions

@@ -21,7 +21,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from phi4rv.model.vlm import IMAGE_TOKEN_ID  # noqa: F401  (re-exported: the id `<image>` encodes to)
+from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 from phi4rv.processing.tokenizer import Tokenizer
 
 IMAGE_TOKEN = "<image>"

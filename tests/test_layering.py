@@ -1,0 +1,68 @@
+"""The layers run one way: cli -> {serve, train, eval, data, recipe} -> generation -> model -> processing.
+
+Imports are read from the source (module level and inside functions alike), so a violation
+fails here before it can grow.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "phi4rv"
+UPPER = ("phi4rv.train", "phi4rv.eval", "phi4rv.serve", "phi4rv.recipe", "phi4rv.cli")
+# what each package may not import
+FORBIDDEN = {
+    "processing": ("phi4rv.model", "phi4rv.generation", "phi4rv.data", "phi4rv.chat_model", *UPPER),
+    "model": ("phi4rv.generation", "phi4rv.data", "phi4rv.chat_model", *UPPER),
+    "data": ("phi4rv.model", "phi4rv.generation", "phi4rv.chat_model", *UPPER),
+    "generation": ("phi4rv.data", "phi4rv.chat_model", *UPPER),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+    return {m for m in out if m == "phi4rv" or m.startswith("phi4rv.")}
+
+
+def test_lower_layers_never_import_upper_ones():
+    bad = []
+    for pkg, forbidden in FORBIDDEN.items():
+        for path in (PACKAGE / pkg).rglob("*.py"):
+            for m in imports(path):
+                if any(m == f or m.startswith(f + ".") for f in forbidden) and not m.startswith(f"phi4rv.{pkg}"):
+                    bad.append(f"{module_name(path)} imports {m}")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {module_name(p): imports(p, top_level_only=True) for p in PACKAGE.rglob("*.py")}
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m: str, stack: list[str]) -> bool:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                cycle.extend(stack[stack.index(d):] + [m, d] if d in stack else [m, d])
+                return True
+            if state.get(d) is None and visit(d, stack + [m]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if state.get(m) is None and visit(m, []):
+            break
+    assert not cycle, " -> ".join(cycle)
