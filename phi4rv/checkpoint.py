@@ -208,6 +208,9 @@ def save_checkpoint(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the saved folder private
     try:
         weights_dtype = dtype or next(t.dtype for t in model.state_dict().values() if t.is_floating_point())
         write_metadata(model.cfg, tmp, tokenizer, generation_config, weights_dtype)
