@@ -9,7 +9,11 @@ Every sample lands in one of the paper's four classes (DESIGN.md §4):
 - bad_question_or_image  an image that does not decode, is too large or too small, an `<image>`
                          count that does not match the images, a missing question.
 
-Exact duplicates (same pixels, same normalised question) and near duplicates (image dHash within
+Synthetic samples are drawn again from their seed (`phi4rv.data.synth.regenerate`): a scene,
+question or answer (in the message or in `meta`) other than the generator's is caught there. Every
+answer must have its mode's structure (`verify.think_structure`). Samples with the same pixels and
+question that agree are exact duplicates (one kept); when they disagree, the answer re-derived from
+the scene decides, never the order (`resolve_duplicates`). Near duplicates (image dHash within
 `near_duplicate_bits`, same question, same answer) are removed apart from the first. With a
 teacher, a share of each dataset is answered by the teacher; a dataset whose error rate exceeds
 `max_error_rate` is dropped whole. Output: clean shards, `removed.jsonl`, `report.md`,
@@ -36,8 +40,9 @@ from tqdm import tqdm
 from phi4rv.data import verify
 from phi4rv.data.formats import DatasetFormatError, Sample, read_samples, write_parquet
 from phi4rv.data.mix import dataset_name
+from phi4rv.data.synth import regenerate
 from phi4rv.data.teacher import TeacherConfig, teacher_answers
-from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN, THINK_END, THINK_START
+from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN
 from phi4rv.processing.image import ImageError, ImageProcessorConfig, load_image
 
 KEEP, FIX, WRONG, BAD = "keep", "fixable_format", "wrong_answer", "bad_question_or_image"
@@ -71,6 +76,7 @@ class Verdict:
     image_keys: list[str] = field(default_factory=list)  # exact pixel hashes
     dhashes: list[int] = field(default_factory=list)
     aspects: list[float] = field(default_factory=list)  # width / height
+    verified: bool = False  # the answer was re-derived from the sample's scene (synthetic data)
 
 
 # ---- image fingerprints ----------------------------------------------------------------------
@@ -133,8 +139,9 @@ def check_sample(s: Sample, cfg: CurateConfig) -> Verdict:
     kind = s.meta.get("answer_type")
     for i in answers:
         a = messages[i]["content"]
-        if a.lstrip().startswith(THINK_START) and THINK_END not in a:
-            return Verdict(WRONG, ["unclosed_think"], a[-80:], **base)
+        problem = verify.think_structure(a)
+        if problem:
+            return Verdict(WRONG, [problem], a[-80:], **base)
         if a != a.strip():
             messages[i]["content"] = a = a.strip()
             repairs.append("whitespace")
@@ -159,10 +166,27 @@ def check_sample(s: Sample, cfg: CurateConfig) -> Verdict:
         if not verify.check_sample(s.meta, final):
             return Verdict(WRONG, ["answer_mismatch"], f"says {verify.final_answer(final)[:60]!r}, "
                            f"ground truth {str(s.meta['answer'])[:60]!r}", **base)
+    # a synthetic sample drawn again from its seed: its scene, question and answer as the generator derives them
+    verified = False
+    truth = regenerate(s.meta) if "scene" in s.meta else None
+    if truth is not None:
+        if _json(truth.meta["scene"]) != _json(s.meta.get("scene")):
+            return Verdict(BAD, ["scene_mismatch"], "the scene is not the one its seed draws", **base)
+        if normalize_question(truth) == normalize_question(s):  # another question: nothing to re-derive it from
+            final = messages[answers[-1]]["content"]
+            for said, reason in ((str(s.meta.get("answer", "")), "meta_answer_mismatch"), (final, "scene_answer_mismatch")):
+                if not verify.check_sample(truth.meta, said):
+                    return Verdict(WRONG, [reason], f"says {verify.final_answer(said)[:60]!r}, the scene's answer is "
+                                   f"{truth.meta['answer'][:60]!r}", **base)
+            verified = True
     if repairs:
         fixed = replace(s, messages=messages, meta={**s.meta, "repairs": repairs})
-        return Verdict(FIX, repairs, "", fixed, **base)
-    return Verdict(KEEP, [], "", s, **base)
+        return Verdict(FIX, repairs, "", fixed, verified=verified, **base)
+    return Verdict(KEEP, [], "", s, verified=verified, **base)
+
+
+def _json(x: Any) -> Any:
+    return json.loads(json.dumps(x))
 
 
 # ---- duplicates ------------------------------------------------------------------------------
@@ -250,26 +274,79 @@ def _teacher_check(kept: list[tuple[Sample, Verdict]], cfg: CurateConfig, name: 
     return {"checked": checked, "disagreed": wrong, "failed": failed, "error_rate": rate, "eligible": len(checkable)}
 
 
-def curate_dataset(path: Path, cfg: CurateConfig, dup: DuplicateIndex
-                   ) -> tuple[list[Sample], dict[str, Any], list[dict], list[Sample]]:
-    name = dataset_name(path)
+def check_dataset(path: Path, cfg: CurateConfig) -> tuple[list[tuple[Sample, Verdict]], str | None]:
+    """Every sample of one dataset with its own verdict (duplicates come later, over all datasets)."""
     rows: list[tuple[Sample, Verdict]] = []
     error = None
     try:
-        for s in tqdm(read_samples(path, cfg.image_root), desc=f"checking {name}", unit="sample", leave=False):
+        for s in tqdm(read_samples(path, cfg.image_root), desc=f"checking {dataset_name(path)}", unit="sample", leave=False):
             v = check_sample(s, cfg)
-            if v.cls in (KEEP, FIX) and cfg.dedup:
-                q = normalize_question(v.sample)
-                a = verify.normalize_text(verify.final_answer(v.sample.answers()[-1]))
-                hit = dup.check_and_add(s.id, q, a, v.image_keys, v.dhashes if cfg.near_duplicate_bits >= 0 else [],
-                                        v.aspects)
-                if hit:
-                    v = Verdict("duplicate", [hit[0]], f"same as {hit[1]}")
             if v.cls == FIX and not cfg.repair:
                 v = Verdict(FIX, v.reasons, "repair disabled")
             rows.append((s, v))
     except (DatasetFormatError, FileNotFoundError, OSError) as e:
         error = str(e)
+    return rows, error
+
+
+def _final(v: Verdict) -> str:
+    return verify.normalize_text(verify.final_answer(v.sample.answers()[-1]))
+
+
+def resolve_duplicates(rows: list[tuple[Sample, Verdict]], cfg: CurateConfig) -> None:
+    """Mark duplicates and conflicts among the surviving rows (all datasets, in order), in place.
+
+    Samples with the same image(s) and question form a group. When they agree on the answer, one is
+    kept (a verified one where there is one) and the rest are exact duplicates. When they disagree,
+    order decides nothing: the answers re-derived from the scene (`Verdict.verified`) decide, and
+    the members that disagree with them are wrong answers; with no verified member, or verified
+    members that disagree among themselves, the whole group is removed as `conflicting_answers`.
+    Near duplicates (same question and answer, dHash within `near_duplicate_bits`) come after, the
+    first in order kept."""
+    live = [(s, v) for s, v in rows if v.cls in (KEEP, FIX) and v.sample is not None]
+    groups: dict[str, list[Verdict]] = {}
+    for _, v in live:
+        q = normalize_question(v.sample)
+        key = [q, *v.image_keys] if v.image_keys else [q, _final(v)]
+        groups.setdefault(hashlib.sha1("\x00".join(key).encode()).hexdigest(), []).append(v)
+    for group in groups.values():
+        if len(group) == 1:
+            continue
+        ids = {id(v): v.sample.id for v in group}
+        answers = {id(v): _final(v) for v in group}
+        trusted = {answers[id(v)] for v in group if v.verified}
+        if len(set(answers.values())) > 1 and len(trusted) != 1:
+            listed = ", ".join(sorted(f"{ids[id(v)]}: {answers[id(v)][:30]!r}" for v in group))
+            why = "no answer re-derived from the scene" if not trusted else "re-derived answers disagree"
+            for v in group:
+                v.cls, v.reasons, v.detail = WRONG, ["conflicting_answers"], f"same image and question ({why}): {listed}"[:300]
+            continue
+        answer = next(iter(trusted)) if trusted else answers[id(group[0])]
+        agree = [v for v in group if answers[id(v)] == answer]
+        keep = next((v for v in agree if v.verified), agree[0])
+        for v in group:
+            if v is keep:
+                continue
+            if answers[id(v)] == answer:
+                v.cls, v.reasons, v.detail = "duplicate", ["exact_duplicate"], f"same as {ids[id(keep)]}"
+            else:
+                v.cls, v.reasons, v.detail = WRONG, ["conflicting_answers"], (
+                    f"says {answers[id(v)][:40]!r}; {ids[id(keep)]} (same image and question) says {answer[:40]!r}, "
+                    "re-derived from the scene")
+    if cfg.near_duplicate_bits < 0:
+        return
+    near = DuplicateIndex(cfg.near_duplicate_bits)
+    for s, v in live:
+        if v.cls not in (KEEP, FIX):
+            continue
+        hit = near.check_and_add(s.id, normalize_question(v.sample), _final(v), v.image_keys, v.dhashes, v.aspects)
+        if hit:
+            v.cls, v.reasons, v.detail = "duplicate", [hit[0]], f"same as {hit[1]}"
+
+
+def finish_dataset(path: Path, rows: list[tuple[Sample, Verdict]], error: str | None, cfg: CurateConfig
+                   ) -> tuple[list[Sample], dict[str, Any], list[dict], list[Sample]]:
+    name = dataset_name(path)
     survivors = [(s, v) for s, v in rows if v.cls in (KEEP, FIX) and v.sample is not None]
     teacher = None
     dropped = error is not None and not rows
@@ -332,16 +409,18 @@ def curate(inputs: list[str | Path], cfg: CurateConfig, out: str | Path) -> dict
     names = [dataset_name(p) for p in inputs]
     if len(set(names)) != len(names):
         raise ValueError(f"two inputs share a name: {names}")
-    dup = DuplicateIndex(cfg.near_duplicate_bits)  # shared: a copy in a later dataset is a duplicate too
     report: dict[str, Any] = {"config": _config_dict(cfg), "datasets": {}, "shards": []}
+    checked = [check_dataset(Path(path), cfg) for path in inputs]
+    if cfg.dedup:  # over all datasets: a copy in a later dataset is a duplicate too
+        resolve_duplicates([row for rows, _ in checked for row in rows], cfg)
     buf: list[Sample] = []
     wrong: list[Sample] = []
     regen_dir = out / "wrong_answers"
     for old in regen_dir.glob("shard-*.parquet"):
         old.unlink()
     with open(out / "removed.jsonl", "w") as rem:
-        for path, name in zip(inputs, names):
-            kept, rep, removed, to_regenerate = curate_dataset(Path(path), cfg, dup)
+        for path, name, (rows, error) in zip(inputs, names, checked):
+            kept, rep, removed, to_regenerate = finish_dataset(Path(path), rows, error, cfg)
             report["datasets"][name] = rep
             for r in removed:
                 rem.write(json.dumps(r) + "\n")

@@ -34,6 +34,7 @@ class MixConfig:
     datasets: list[tuple[str, float]]  # (path, weight); weights are normalised
     think_ratio: float | None = 0.2  # None keeps each dataset's own ratio
     heldout: float = 0.1
+    validation: float = 0.0  # a share for `val/` (what settings are tuned on), apart from `heldout/` (what is reported)
     total: int | None = None  # None: as many as possible without repeats
     seed: int = 0
     shard_size: int = 1000
@@ -351,17 +352,24 @@ def _write_split(samples: list[Sample], out: Path, shard_size: int) -> list[str]
 
 
 def write_mixture(cfg: MixConfig, out: str | Path) -> dict[str, Any]:
-    """Build the mixture, split it, write `out/train/`, `out/heldout/` and `out/manifest.json`."""
+    """Build the mixture, split it, write `out/train/`, `out/heldout/` (and with `validation`,
+    `out/val/`; no image in two splits) and `out/manifest.json`."""
     out = Path(out)
+    if not 0 <= cfg.validation < 1 - cfg.heldout:
+        raise ValueError(f"validation share must be in [0, {1 - cfg.heldout:g}), got {cfg.validation}")
     mixed, plans = build_mixture(cfg)
     train, held = split_heldout(mixed, cfg.heldout, cfg.seed)
+    splits = [("train", train), ("heldout", held)]
+    if cfg.validation:
+        train, val = split_heldout(train, cfg.validation / (1 - cfg.heldout), cfg.seed + 1)
+        splits = [("train", train), ("heldout", held), ("val", val)]
     tokenizer = None
     if cfg.tokenizer:
         from phi4rv.processing.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_dir(cfg.tokenizer)
     manifest: dict[str, Any] = {"config": asdict(cfg), "datasets": [asdict(p) for p in plans], "splits": {}}
-    for split, samples in (("train", train), ("heldout", held)):
+    for split, samples in splits:
         shards = _write_split(samples, out / split, cfg.shard_size)
         manifest["splits"][split] = {"shards": shards, **summarize(samples, tokenizer)}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -151,6 +151,25 @@ def check_sample(meta: dict[str, Any], prediction: str, tol: Tolerance = Toleran
 
 # ---- format checks and repairs (curation) ----------------------------------------------------
 
+
+def think_structure(answer: str) -> str | None:
+    """None when `answer` is a well-formed think or nothink answer, else a short reason. A think
+    answer (one that starts with `<think>`) has exactly one `<think>...</think>`, at its very start,
+    then a non-empty final answer; any other answer has no `<think>` or `</think>` anywhere."""
+    a = answer.strip()
+    if not a.startswith(THINK_START):
+        a = a.removeprefix(NOTHINK_TOKEN).strip()
+    starts, ends = a.count(THINK_START), a.count(THINK_END)
+    if not a.startswith(THINK_START):
+        return "think_not_at_start" if starts or ends else None
+    if ends == 0:
+        return "unclosed_think"
+    if starts != 1 or ends != 1:
+        return "repeated_think"
+    if not a.partition(THINK_END)[2].strip():
+        return "empty_answer"
+    return None
+
 _BRACKETED = re.compile(r"[\[(]\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*[\])]")
 _PLAIN_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d+)?|\.\d+)$")
 

@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from phi4rv.data.formats import Sample
 from phi4rv.data.synth import Difficulty
@@ -26,6 +27,9 @@ from phi4rv.data.synth.cards import (
 )
 from phi4rv.data.synth.common import png_bytes
 from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START
+from phi4rv.recipe.heldout import take_excluding
+
+Leaks = Callable[[Sample], bool]
 
 PERCEPTION = ("card_digit", "card_place", "card_count")
 REASONING = ("card_sum", "card_product")
@@ -50,12 +54,9 @@ def _random_cards(rng: random.Random, n: int) -> list[tuple[str, int]]:
     return list(zip(PLACES, rng.sample(range(1, 10), n)))
 
 
-def reasoning_text(n: int, seed: int, max_cards: int = 3) -> list[Sample]:
-    """Stage 0 corpus for the decoder: the cards' reasoning tasks with the reading given in words,
-    and bare arithmetic, every answer reasoned in a trace."""
+def _text_samples(seed: int, max_cards: int) -> Iterator[Sample]:
     rng = random.Random(seed)
-    out = []
-    for i in range(n):
+    for i in itertools.count():
         cards = _random_cards(rng, rng.randint(2, max_cards))
         read = ", ".join(f"{c} {v}" for c, v in cards)
         digits = [v for _, v in cards]
@@ -69,36 +70,49 @@ def reasoning_text(n: int, seed: int, max_cards: int = 3) -> list[Sample]:
             q = f"What is the {ca} number times the {cb} number?" if kind == "product" else f"What is {a}*{b}?"
             trace, answer = (f"{read}\n{a}*{b}={a * b}" if kind == "product" else f"{a}*{b}={a * b}"), a * b
         prompt = f"The cards show {read}.\n{q}" if kind in ("sum", "product") else q
-        out.append(Sample(f"text-{seed}-{i}", [{"role": "user", "content": prompt},
-                                               {"role": "assistant", "content": think_answer(trace, str(answer))}],
-                          [], {"task": f"text_{kind}", "answer": str(answer)}))
-    return out
+        yield Sample(f"text-{seed}-{i}", [{"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": think_answer(trace, str(answer))}],
+                     [], {"task": f"text_{kind}", "answer": str(answer)})
 
 
-def caption_pairs(n: int, seed: int, d: Difficulty) -> Iterator[tuple[bytes, str]]:
-    """(PNG, reading) pairs for contrastive pretraining of the vision encoder."""
+def reasoning_text(n: int, seed: int, max_cards: int = 3, leaks: Leaks | None = None) -> list[Sample]:
+    """Stage 0 corpus for the decoder: the cards' reasoning tasks with the reading given in words,
+    and bare arithmetic, every answer reasoned in a trace; none for which `leaks` is true."""
+    return take_excluding(_text_samples(seed, max_cards), n, leaks)
+
+
+def _caption_pairs(seed: int, d: Difficulty) -> Iterator[tuple[bytes, str]]:
     rng = random.Random(seed)
-    for _ in range(n):
+    while True:
         scene = cards_scene(rng, d)
         yield png_bytes(draw_cards(scene)), reading(scene)
 
 
-def alignment_samples(n: int, seed: int, d: Difficulty) -> list[Sample]:
+def caption_pairs(n: int, seed: int, d: Difficulty, leaks: Callable[[bytes], bool] | None = None) -> list[tuple[bytes, str]]:
+    """(PNG, reading) pairs for contrastive pretraining of the vision encoder; none whose image `leaks`."""
+    return take_excluding(_caption_pairs(seed, d), n, None if leaks is None else lambda pair: leaks(pair[0]))
+
+
+def caption_samples(pairs: list[tuple[bytes, str]], name: str) -> list[Sample]:
+    """Caption pairs as samples (to be saved with the run's data and read back)."""
+    return [Sample(f"{name}-{i}", [{"role": "user", "content": IMAGE_TOKEN}, {"role": "assistant", "content": caption}],
+                   [png], {"task": "caption_pair", "answer": caption}) for i, (png, caption) in enumerate(pairs)]
+
+
+def alignment_samples(n: int, seed: int, d: Difficulty, leaks: Callable[[bytes], bool] | None = None) -> list[Sample]:
     return [
         Sample(f"align-{seed}-{i}", [{"role": "user", "content": f"{IMAGE_TOKEN}\n{LIST_QUESTION}"},
                                      {"role": "assistant", "content": caption}], [png], {"task": "card_list", "answer": caption})
-        for i, (png, caption) in enumerate(caption_pairs(n, seed, d))
+        for i, (png, caption) in enumerate(caption_pairs(n, seed, d, leaks))
     ]
 
 
-def stage3_samples(n: int, seed: int, d: Difficulty, refusal_share: float = 0.2) -> list[Sample]:
-    """Two-image questions (which image, which card) and refusals of harmful requests."""
+def _stage3_samples(seed: int, d: Difficulty, refusal_share: float) -> Iterator[Sample]:
     rng = random.Random(seed)
-    out = []
-    for i in range(n):
+    for i in itertools.count():
         if rng.random() < refusal_share:
             messages = [{"role": "user", "content": rng.choice(HARMFUL)}, {"role": "assistant", "content": REFUSAL}]
-            out.append(Sample(f"s3-{seed}-{i}", messages, [], {"task": "refusal", "answer": REFUSAL}))
+            yield Sample(f"s3-{seed}-{i}", messages, [], {"task": "refusal", "answer": REFUSAL})
             continue
         scenes = [cards_scene(rng, d) for _ in range(2)]
         k = rng.randrange(2)
@@ -109,8 +123,13 @@ def stage3_samples(n: int, seed: int, d: Difficulty, refusal_share: float = 0.2)
                     {"role": "assistant", "content": str(card["digit"])}]
         meta = {"task": "card_pair", "kind": "perception", "mode": "nothink", "answer": str(card["digit"]),
                 "answer_type": "number", "distractor": bool(present)}
-        out.append(Sample(f"s3-{seed}-{i}", messages, [png_bytes(draw_cards(s)) for s in scenes], meta))
-    return out
+        yield Sample(f"s3-{seed}-{i}", messages, [png_bytes(draw_cards(sc)) for sc in scenes], meta)
+
+
+def stage3_samples(n: int, seed: int, d: Difficulty, refusal_share: float = 0.2, leaks: Leaks | None = None) -> list[Sample]:
+    """Two-image questions (which image, which card) and refusals of harmful requests; none that `leaks`
+    (refusals are text-only: a registered prompt leaks)."""
+    return take_excluding(_stage3_samples(seed, d, refusal_share), n, leaks)
 
 
 def as_mode(s: Sample, mode: str) -> Sample:

@@ -106,7 +106,9 @@ def eval_line(x: dict) -> str:
 LINES: dict[str, Callable[[dict], str]] = {
     "tokenizer": lambda x: f"{x['vocab_size']} tokens",
     "data": lambda x: (f"{x['synth']} synthesized, {x['kept']} kept by curation, {x['train']} train / "
-                       f"{x['heldout']} held out, think ratio {x['think_ratio']:.2f}"),
+                       f"{x['val']} validation / {x['heldout']} held out, think ratio {x['think_ratio']:.2f}; "
+                       f"no stage trains on the {x['registry']['images']} held-out images or "
+                       f"{x['registry']['prompts']} held-out prompts"),
     "stage0_decoder": lambda x: f"reasoning-text answer accuracy {x['answer_acc']:.2f} ({x['steps']} steps)",
     "stage0_vision": lambda x: (f"held-out image->caption retrieval {x['retrieval_before']:.2f} -> "
                                 f"{x['retrieval_after']:.2f} among {x['heldout']} ({x['steps']} steps)"),
@@ -119,6 +121,9 @@ LINES: dict[str, Callable[[dict], str]] = {
 def run_recipe(out: str | Path, preset: RecipePreset, seed: int = 0) -> dict[str, Any]:
     from phi4rv.recipe import steps
 
+    # one thread count on every machine: the default (a machine's cores) changes how sums are split,
+    # and with it every float after the first step
+    torch.set_num_threads(preset.threads)
     torch.manual_seed(seed)
     r = Runner(Path(out), preset, seed)
     fns = {"tokenizer": steps.make_tokenizer, "data": steps.make_data, "stage0_decoder": steps.pretrain_decoder,

@@ -23,7 +23,8 @@ from the scene. `sample.meta` holds:
     task, kind, mode        e.g. "chart_sum", "reasoning", "think"
     answer, answer_type     the exact final answer as a string; "number" | "text" | "choice" | "box" | "order"
     scene                   the JSON-serialisable description the image(s) were drawn from
-    seed, generator         the seed and the generator family (module) name; also difficulty, source="synth"
+    seed, generator         the seed and the generator family (module) name; also source="synth"
+    difficulty, knobs       the difficulty's name and its knobs: with `seed`, enough to draw the sample again
     choices                 (choice tasks) the option texts, lettered A, B, ... in the question
     tolerance               (optional) {"abs": x} or {"rel": r} when the answer must be read off an axis
 
@@ -35,7 +36,16 @@ comma-separated image numbers or letters ("2, 3, 1"). Difficulty presets: "tiny"
 from __future__ import annotations
 
 from phi4rv.data.synth import captions, cards, charts, geometry, multi, tables, ui
-from phi4rv.data.synth.common import DIFFICULTIES, Difficulty, Drawn, Generator, get_difficulty, with_knobs
+from phi4rv.data.formats import Sample
+from phi4rv.data.synth.common import (
+    DIFFICULTIES,
+    Difficulty,
+    Drawn,
+    Generator,
+    difficulty_of,
+    get_difficulty,
+    with_knobs,
+)
 
 _TASKS = [
     ("chart_value", charts, "perception", "read one value off a bar, line or pie chart"),
@@ -68,4 +78,17 @@ GENERATORS: dict[str, Generator] = {
     for name, module, kind, doc in _TASKS
 }
 
-__all__ = ["GENERATORS", "DIFFICULTIES", "Difficulty", "Drawn", "Generator", "get_difficulty", "with_knobs"]
+
+
+def regenerate(meta: dict) -> Sample | None:
+    """The sample a synthetic sample's `meta` (task, seed, difficulty) says it is, drawn again by its
+    generator: its scene, question and answer as the generator derives them. None when the meta
+    does not name a generator, a seed and a difficulty."""
+    gen = GENERATORS.get(str(meta.get("task")))
+    d = difficulty_of(meta)
+    if gen is None or d is None or meta.get("source") != "synth" or not isinstance(meta.get("seed"), int):
+        return None
+    return gen.generate(meta["seed"], d)
+
+
+__all__ = ["regenerate", "GENERATORS", "DIFFICULTIES", "Difficulty", "Drawn", "Generator", "get_difficulty", "with_knobs"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -51,6 +51,19 @@ def get_difficulty(d: Difficulty | str) -> Difficulty:
     if d not in DIFFICULTIES:
         raise ValueError(f"unknown difficulty {d!r} (choose from {', '.join(DIFFICULTIES)})")
     return DIFFICULTIES[d]
+
+
+def difficulty_of(meta: dict[str, Any]) -> Difficulty | None:
+    """The difficulty a synthetic sample was drawn at, from its `meta` (`knobs`, else a preset's
+    name); None when neither is there."""
+    knobs = meta.get("knobs")
+    if isinstance(knobs, dict):
+        try:
+            return Difficulty(name=str(meta.get("difficulty", "custom")),
+                              **{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
+        except TypeError:
+            return None
+    return DIFFICULTIES.get(str(meta.get("difficulty")))
 
 
 def with_knobs(d: Difficulty | str, **knobs: Any) -> Difficulty:
@@ -201,6 +214,7 @@ def to_sample(gen: Generator, seed: int, d: Difficulty, drawn: Drawn) -> Sample:
         "seed": seed,
         "generator": gen.family,
         "difficulty": d.name,
+        "knobs": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(d).items() if k != "name"},
         "source": "synth",
     }
     if drawn.choices is not None:
