@@ -95,7 +95,7 @@ def run(tmp_path, datasets, **kw):
         paths.append(path)
     cfg = CurateConfig(max_pixels=300_000, **kw)
     report = curate(paths, cfg, tmp_path / "out")
-    return report, {s.id: s for s in read_samples(tmp_path / "out")}
+    return report, {s.id: s for s in read_samples(tmp_path / "out")} if report["kept"] else {}
 
 
 def test_each_defect_is_caught_and_nothing_good_is_dropped(tmp_path):
@@ -253,3 +253,97 @@ def test_box_repair_from_pixels():
     check()
     assert repair_format("[10, 20, 30, 40]", "box", None) is None  # pixels without the image size: unknowable
     assert repair_format("[10, 20, 3000, 40]", "box", (100, 100)) is None  # outside the image
+
+
+# ---- planted defects in fresh samples of every generator ---------------------------------------
+
+
+def wrong_answer(s):
+    """A wrong final answer of the right form for `s`'s answer type."""
+    a, kind = s.meta["answer"], s.meta["answer_type"]
+    if kind == "number":
+        return str(int(float(a)) * 2 + 7)
+    if kind == "choice":
+        return "A" if a != "A" else "B"
+    if kind == "order":
+        return ", ".join(reversed(a.split(", ")))
+    if kind == "box":
+        return "[0.0000, 0.0000, 0.0100, 0.0100]"
+    return "second" if a != "second" else "first"
+
+
+def answered(s, final, sid, meta_too=False):
+    """`s` with its final answer replaced (any trace kept); with `meta_too` its meta says the same."""
+    text = s.messages[1]["content"]
+    head = text.rpartition("</think>\n\n")[0] + "</think>\n\n" if "</think>" in text else ""
+    meta = {**s.meta, "answer": final} if meta_too else s.meta
+    return replace(s, id=sid, messages=[s.messages[0], {"role": "assistant", "content": head + final}], meta=meta)
+
+
+def test_planted_defects_of_every_generator_are_caught_and_no_clean_sample_is_dropped(tmp_path):
+    clean, planted, conflicts = [], {}, []
+    for k, (task, gen) in enumerate(GENERATORS.items()):
+        s = gen.generate(3000 + k, "tiny")
+        clean.append(s)
+        text = s.messages[1]["content"]
+        # a think answer with a second, unclosed <think>; a nothink answer with a think tag in it
+        t = gen.generate(4000 + k, "tiny")
+        if t.meta["mode"] == "think":
+            bad = text_of(t).replace("</think>\n\n", "</think>\n\n<think>\n", 1)
+        else:
+            bad = text_of(t) + " </think>"
+        planted[f"structure-{task}"] = replace(t, id=f"structure-{task}", messages=[t.messages[0], {"role": "assistant", "content": bad}])
+        # a wrong answer whose metadata was rewritten to agree
+        w = gen.generate(5000 + k, "tiny")
+        planted[f"rewritten-{task}"] = answered(w, wrong_answer(w), f"rewritten-{task}", meta_too=True)
+        # same image and question, another answer (meta rewritten too), seen before the clean one
+        conflicts.append(answered(s, wrong_answer(s), f"conflict-{task}", meta_too=True))
+        assert text  # every generator answers
+    data = conflicts[: len(conflicts) // 2] + clean + conflicts[len(conflicts) // 2 :] + list(planted.values())
+    report, kept = run(tmp_path, {"fresh": data})
+    assert set(kept) == {s.id for s in clean}, sorted(set(kept) ^ {s.id for s in clean})
+    removed = {json.loads(x)["id"]: json.loads(x)["reasons"] for x in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()}
+    for task, gen in GENERATORS.items():
+        mode = "think" if gen.kind == "reasoning" else "nothink"
+        assert removed[f"structure-{task}"] == ["repeated_think" if mode == "think" else "think_not_at_start"], task
+        assert removed[f"rewritten-{task}"] == ["meta_answer_mismatch"], task
+
+
+def text_of(s):
+    return s.messages[1]["content"]
+
+
+def test_conflicting_answers_are_settled_by_the_scene_never_by_order(tmp_path):
+    s = GENERATORS["card_digit"].generate(11, "tiny")
+    # a copy that says another digit, its meta rewritten, and no scene left to re-derive it from
+    liar = answered(s, wrong_answer(s), "liar", meta_too=True)
+    liar = replace(liar, meta={k: v for k, v in liar.meta.items() if k != "scene"})
+    def run_in(name, datasets):
+        (tmp_path / name).mkdir()
+        return run(tmp_path / name, datasets)
+
+    for order in ([liar, s], [s, liar]):
+        _, kept = run_in(str(order[0].id), {"pair": order})
+        assert set(kept) == {s.id}
+    # neither side can be re-derived: both go, whatever the order
+    honest = replace(s, id="honest", meta={k: v for k, v in s.meta.items() if k != "scene"})
+    for order in ([liar, honest], [honest, liar]):
+        report, kept = run_in(f"none-{order[0].id}", {"pair": order})
+        assert kept == {} and report["datasets"]["pair"]["reasons"] == {"conflicting_answers": 2}
+    # copies that agree are duplicates: one is kept
+    _, kept = run_in("same", {"pair": [honest, s]})
+    assert set(kept) == {s.id}
+
+
+def test_think_structure():
+    from phi4rv.data.verify import think_structure
+
+    assert think_structure("<think>\nfirst 4, second 7\n4+7=11\n</think>\n\n11") is None
+    assert think_structure("11") is None and think_structure("<|dummy_84|>11") is None
+    assert think_structure("<think>\na\n</think>\n\n<think>\n11") == "repeated_think"
+    assert think_structure("<think>\n<think>\na\n</think>\n\n11") == "repeated_think"
+    assert think_structure("<think>\na\n</think>\n\nb\n</think>\n\n11") == "repeated_think"
+    assert think_structure("<think>\na") == "unclosed_think"
+    assert think_structure("<think>\na\n</think>\n\n") == "empty_answer"
+    assert think_structure("11 <think>") == "think_not_at_start"
+    assert think_structure("a\n</think>\n\n11") == "think_not_at_start"
