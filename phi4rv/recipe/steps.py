@@ -49,7 +49,7 @@ def make_data(r: Runner) -> dict[str, Any]:
     registry (`data/heldout.json`) first, and no training set of any stage holds one of its
     images (by pixels) or text prompts."""
     from phi4rv.data.curate import CurateConfig, curate
-    from phi4rv.data.mix import MixConfig, write_mixture
+    from phi4rv.data.mix import MixConfig, image_key, write_mixture
     from phi4rv.data.synth.writer import write_synthetic
 
     p, d, seed = r.p, r.p.difficulty(), r.seed
@@ -66,10 +66,11 @@ def make_data(r: Runner) -> dict[str, Any]:
     splits = manifest["splits"]
     mix = r.data("mix")
     text_held = text_heldout(r)
-    caption_held = world.caption_pairs(p.caption_heldout, seed + 6, d)
-    registry = HeldOut().add(read_samples(mix / "heldout")).add(read_samples(mix / "val")).add(text_held)
-    registry.add(world.caption_samples(caption_held, "caption-heldout"))
+    held = list(read_samples(mix / "heldout"))
+    registry = HeldOut().add(held).add(read_samples(mix / "val")).add(text_held)
     registry.save(r.data("heldout.json"))
+    # stage 0's retrieval test: the held-out split's own images, each once, with their readings
+    caption_held = list({image_key(s.images[0]): (s.images[0], s.meta["reading"]) for s in held}.values())[: p.caption_heldout]
     leaks = registry.holds
     write_shard(text_held, r.data("text_heldout"))
     write_shard(world.reasoning_text(p.text_samples, seed + 1, leaks=leaks), r.data("text"))
