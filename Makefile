@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := runs/demo
+SEEDS ?= 0,1,2
+JOBS ?= 1
+comma := ,
+FIRST_SEED = $(firstword $(subst $(comma), ,$(SEEDS)))
 
 .PHONY: setup setup-dev demo test bench clean
 
@@ -18,9 +22,12 @@ setup: $(BIN)/python
 setup-dev: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
+# One recipe run per seed (runs/demo/tiny/seed-N/REPORT.md) and SEEDS.md, the per-seed table and its
+# spread; `make demo SEEDS=0` for one run, JOBS=2 to run two seeds at once on 2+ cores.
 demo: setup
-	$(BIN)/phi4rv recipe --preset tiny --out $(DEMO)/tiny
-	$(BIN)/phi4rv chat --model $(DEMO)/tiny/model --image $(DEMO)/tiny/example_1.png \
+	$(BIN)/phi4rv recipe --preset tiny --seeds $(SEEDS) --jobs $(JOBS) --out $(DEMO)/tiny
+	$(BIN)/phi4rv chat --model $(DEMO)/tiny/seed-$(FIRST_SEED)/model \
+		--image $(DEMO)/tiny/seed-$(FIRST_SEED)/example_1.png \
 		--max-new-tokens 48 --temperature 0 "What is the sum of the numbers on the cards?"
 
 test: setup-dev

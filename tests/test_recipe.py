@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import math
 import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 from phi4rv.data.curate import CurateConfig, curate
 from phi4rv.data.formats import read_samples, write_parquet
@@ -139,6 +144,34 @@ def test_contrastive_pretraining_makes_features_that_find_their_captions():
     assert set(state) == {k for k in state if not k.startswith(("pool.", "text."))}  # only the encoder's weights
 
 
+def _pixels(png: bytes) -> str:
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    return hashlib.sha1(str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _prompt(s) -> str:
+    return " ".join(m["content"] for m in s.messages if m["role"] == "user").strip()
+
+
+def test_registered_evaluation_sets_are_drawn_around():
+    from phi4rv.recipe.heldout import HeldOut
+
+    d = get_preset("tiny").difficulty()
+    # the card world is small: the same seed draws the same images, an independent one many of them
+    held = world.alignment_samples(300, 7, d)
+    registry = HeldOut().add(held)
+    again = world.alignment_samples(300, 7, d, leaks=registry.holds_image)
+    assert len(again) == 300 and not {_pixels(s.images[0]) for s in again} & {_pixels(s.images[0]) for s in held}
+    text_held = world.reasoning_text(200, 2)
+    unguarded = world.reasoning_text(2000, 1)
+    assert {_prompt(s) for s in unguarded} & {_prompt(s) for s in text_held}  # without the registry they meet
+    guarded = world.reasoning_text(2000, 1, leaks=HeldOut().add(text_held).holds)
+    assert len(guarded) == 2000 and not {_prompt(s) for s in guarded} & {_prompt(s) for s in text_held}
+    pair = world.stage3_samples(50, 4, d)
+    registry = HeldOut().add(s for s in pair if s.images)
+    assert all(not registry.holds(s) for s in world.stage3_samples(50, 4, d, leaks=registry.holds))
+
+
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory):
     from phi4rv.recipe.run import run_recipe
@@ -159,6 +192,32 @@ def _metrics(results: dict) -> dict:
             row.pop("seconds")
     out["stages"] = {k: v["steps"] for k, v in out["stages"]["stages"].items()}
     return out
+
+
+def test_no_training_stage_holds_a_held_out_image_or_prompt(recipe_runs):
+    root, _, _ = recipe_runs
+    run = root / "a"
+    trained_on = {run / "data" / "captions"}  # stage 0 vision reads its pairs from here
+    for config in (run / "stage0_decoder" / "config.yaml", run / "stages" / "config.yaml"):
+        for st in yaml.safe_load(config.read_text())["stages"].values():
+            trained_on |= {Path(d["path"]) for d in st["data"]["datasets"]}
+    assert {p.relative_to(run / "data").as_posix() for p in trained_on} == {"text", "captions", "align", "mix/train", "stage3"}
+    evaluated = [run / "data" / name for name in ("mix/heldout", "mix/val", "text_heldout", "captions_heldout")]
+    held_pixels, held_prompts = set(), set()
+    for folder in evaluated:
+        for s in read_samples(folder):
+            held_pixels |= {_pixels(png) for png in s.images}
+            if not s.images:
+                held_prompts.add(_prompt(s))
+    assert held_pixels and held_prompts
+    for folder in sorted(trained_on):
+        samples = list(read_samples(folder))
+        assert samples, folder
+        assert not {_pixels(png) for s in samples for png in s.images} & held_pixels, folder
+        assert not {_prompt(s) for s in samples if not s.images} & held_prompts, folder
+    # the reported split and the validation split are apart too
+    val = {_pixels(png) for s in read_samples(run / "data" / "mix" / "val") for png in s.images}
+    assert val and not val & {_pixels(png) for s in read_samples(run / "data" / "mix" / "heldout") for png in s.images}
 
 
 def test_same_seed_gives_the_same_metrics(recipe_runs):
@@ -195,6 +254,18 @@ def test_final_model_has_the_release_files(recipe_runs):
 
     root, _, _ = recipe_runs
     assert layout_differences(root / "a" / "model") == []
+
+
+def test_seed_table_lists_each_seed_and_the_spread(recipe_runs, tmp_path):
+    from phi4rv.recipe.report import write_seed_table
+
+    _, first, second = recipe_runs
+    text = write_seed_table(tmp_path, get_preset("test"), {0: first, 7: second}).read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"0", "7", "min", "max", "mean", "spread (max - min)"} <= set(rows)
+    perception = f"{first['eval']['nothink']['perception']['accuracy']:.1f}"
+    assert rows["0"].split("|")[3].strip() == perception
+    assert set(rows["spread (max - min)"].split("|")[3:9]) == {" 0.0 "}  # one seed twice: no spread in any metric
 
 
 def test_rerun_skips_finished_steps(recipe_runs, capsys):

@@ -147,3 +147,53 @@ def _summary(name: str, x: dict[str, Any]) -> str:
     from phi4rv.recipe.run import LINES
 
     return LINES[name](x)
+
+
+# ---- several seeds -----------------------------------------------------------------------------
+
+SEED_COLUMNS = (
+    ("minutes", "whole run, min"),
+    ("perception", "perception nothink %"),
+    ("think", "multi-step think %"),
+    ("nothink", "multi-step nothink %"),
+    ("think_gain", "think - nothink, pts"),
+    ("auto_choice", "auto picks right %"),
+    ("text_acc", "stage 0 text acc %"),
+    ("retrieval", "stage 0 retrieval %"),
+)
+
+
+def seed_row(results: dict[str, Any]) -> dict[str, float]:
+    ev = results["eval"]
+    think, nothink = ev["think"]["reasoning"]["accuracy"], ev["nothink"]["reasoning"]["accuracy"]
+    return {
+        "minutes": sum(v["seconds"] for k, v in results.items() if k != "report" and isinstance(v, dict) and "seconds" in v) / 60,
+        "perception": ev["nothink"]["perception"]["accuracy"], "think": think, "nothink": nothink,
+        "think_gain": think - nothink, "auto_choice": ev["auto_choice"],
+        "text_acc": 100 * results["stage0_decoder"]["answer_acc"], "retrieval": 100 * results["stage0_vision"]["retrieval_after"],
+    }
+
+
+def write_seed_table(out: Path, preset: Any, results: dict[int, dict[str, Any]]) -> Path:
+    """SEEDS.md: per seed, the targets' figures and whether all are met; then min, max, mean and spread."""
+    rows = {seed: seed_row(r) for seed, r in results.items()}
+    met = {seed: all(ok for _, _, ok in targets(r)) for seed, r in results.items()}
+    head = "| seed | " + " | ".join(label for _, label in SEED_COLUMNS) + " | all targets met |"
+    lines = [f"# phi4rv recipe: preset `{preset.name}`, seeds {', '.join(map(str, results))}", "",
+             f"On {machine()}; each seed's report: `seed-N/REPORT.md`. Targets: whole run <= {TARGETS['minutes']:.0f} min, "
+             f"perception (nothink) >= {TARGETS['perception']:.0f}%, think beats nothink on multi-step questions by >= "
+             f"{TARGETS['think_gain']:.0f} points, auto picks the right mode >= {TARGETS['auto_choice']:.0f}%.", "",
+             head, "|---:|" + "---:|" * len(SEED_COLUMNS) + "---|"]
+    for seed, row in rows.items():
+        lines.append(f"| {seed} | " + " | ".join(f"{row[k]:.1f}" for k, _ in SEED_COLUMNS) + f" | {'yes' if met[seed] else '**no**'} |")
+    for name, fn in (("min", min), ("max", max), ("mean", lambda xs: sum(xs) / len(xs)),
+                     ("spread (max - min)", lambda xs: max(xs) - min(xs))):
+        lines.append(f"| {name} | " + " | ".join(f"{fn([row[k] for row in rows.values()]):.1f}" for k, _ in SEED_COLUMNS) + " | |")
+    lines += ["", f"All targets met on {sum(met.values())} of {len(met)} seeds."]
+    failing = {seed: [t for t, _, ok in targets(results[seed]) if not ok] for seed in results if not met[seed]}
+    for seed, names in failing.items():
+        lines.append(f"- seed {seed} misses: " + "; ".join(names))
+    path = out / "SEEDS.md"
+    path.write_text("\n".join(lines) + "\n")
+    (out / "seeds.json").write_text(json.dumps({str(k): v for k, v in rows.items()}, indent=2) + "\n")
+    return path
