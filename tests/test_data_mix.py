@@ -95,6 +95,20 @@ def test_mixture_weights_ratio_and_no_leakage(datasets, tmp_path):
     assert m2["splits"] == m["splits"]
 
 
+def test_validation_split_shares_no_image_with_train_or_heldout(datasets, tmp_path):
+    root, _, _ = datasets
+    cfg = MixConfig([(str(root / "charts.parquet"), 1.0), (str(root / "ui.parquet"), 1.0)], think_ratio=0.2,
+                    heldout=0.2, validation=0.2, seed=3)
+    m = write_mixture(cfg, tmp_path / "out")
+    splits = {name: list(read_samples(tmp_path / "out" / name)) for name in ("train", "heldout", "val")}
+    pixels = {name: {pixel_hash(r) for s in samples for r in s.images} for name, samples in splits.items()}
+    assert all(pixels.values())
+    assert not pixels["train"] & pixels["val"] and not pixels["train"] & pixels["heldout"] and not pixels["val"] & pixels["heldout"]
+    assert sum(len(x) for x in splits.values()) == 89 and m["splits"]["val"]["samples"] == len(splits["val"])
+    with pytest.raises(ValueError, match="validation share"):
+        write_mixture(MixConfig(cfg.datasets, heldout=0.5, validation=0.5), tmp_path / "bad")
+
+
 def test_split_keeps_image_groups_together():
     img = [Image.new("RGB", (20, 20), (k * 20, 0, 0)) for k in range(12)]
     pngs = []

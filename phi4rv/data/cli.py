@@ -70,7 +70,7 @@ def cmd_mix(args: argparse.Namespace) -> None:
 
     ratio = None if args.think_ratio < 0 else args.think_ratio
     cfg = MixConfig(datasets=[_dataset_weight(d) for d in args.dataset], think_ratio=ratio, heldout=args.heldout,
-                    total=args.total, seed=args.seed, shard_size=args.shard_size, tokenizer=args.tokenizer)
+                    validation=args.validation, total=args.total, seed=args.seed, shard_size=args.shard_size, tokenizer=args.tokenizer)
     for path, _ in cfg.datasets:
         if not Path(path).exists():
             raise FileNotFoundError(f"dataset not found: {path}")
@@ -163,6 +163,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dataset", action="append", required=True, metavar="PATH[:WEIGHT]")
     s.add_argument("--think-ratio", type=float, default=0.2, help="share of think samples (-1: keep the datasets' own)")
     s.add_argument("--heldout", type=float, default=0.1)
+    s.add_argument("--validation", type=float, default=0.0,
+                   help="share for a val/ split (to tune on), apart from heldout/ by image")
     s.add_argument("--total", type=int, default=None,
                    help="mixture size (repeats small datasets); default: the largest without repeats")
     s.add_argument("--seed", type=int, default=0)

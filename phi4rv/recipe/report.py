@@ -125,6 +125,7 @@ def render(r: Any, results: dict[str, Any]) -> str:
     lines += ["", "Greedy decoding, batch of " + str(r.p.eval_batch) + f", at most {r.p.max_new_tokens} new tokens; "
               "seconds are per question within a batch. Records: `eval/`; `phi4rv eval report` tables: `eval/report/`.", "",
               "![accuracy vs time and tokens](eval/report/pareto_synthetic.png)", "", "## Training", ""]
+    lines += _validation_rows(run)
     for png in sorted(run.glob("stage0_decoder/*/curves.png")) + sorted(run.glob("stages/*/curves.png")):
         lines += [f"![{png.parent.name}]({png.relative_to(run)})", ""]
     vision_png = plot_vision_loss(run)
@@ -141,6 +142,21 @@ def render(r: Any, results: dict[str, Any]) -> str:
               f"`phi4rv chat --model {run / 'model'} --image IMAGE \"QUESTION\"` or "
               f"`phi4rv serve --model {run / 'model'}`.", ""]
     return "\n".join(lines)
+
+
+def _validation_rows(run: Path) -> list[str]:
+    """Each stage's last eval on the validation split (what settings are tuned on; the held-out
+    split above is only reported)."""
+    rows = []
+    for stage in ("alignment", "instruction", "long"):
+        path = run / "stages" / stage / "metrics.jsonl"
+        evals = [json.loads(x) for x in path.read_text().splitlines() if "eval/loss" in x] if path.is_file() else []
+        if evals:
+            rows.append(f"| {stage} | {evals[-1]['step']} | {evals[-1]['eval/loss']:.3f} | {100 * evals[-1]['eval/token_acc']:.1f} |")
+    if not rows:
+        return []
+    return ["Validation split (`data/mix/val`, apart from the held-out split by image), at the end of each stage:", "",
+            "| stage | step | loss | answer-token accuracy % |", "|---|---:|---:|---:|", *rows, ""]
 
 
 def _summary(name: str, x: dict[str, Any]) -> str:
