@@ -109,14 +109,17 @@ def render(r: Any, results: dict[str, Any]) -> str:
         "The paper's pipeline in miniature on the number-cards world (`phi4rv.data.synth.cards`): "
         "perception questions (read a card, find a card, count) are answered directly; multi-step "
         "questions (sum of all cards, product of two) are reasoned in `<think>`.", "",
-        "## Steps", "", "| step | seconds | result |", "|---|---:|---|",
+        "## Steps", "", "| step | seconds | CPU seconds | result |", "|---|---:|---:|---|",
     ]
     from phi4rv.recipe.run import STEPS
 
+    cpu = sum(results[name].get("cpu_seconds", 0.0) for name in STEPS[:-1])
     for name in STEPS[:-1]:
         x = results[name]
-        lines.append(f"| {name} | {x['seconds']:.0f} | {_summary(name, x)} |")
-    lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | |", "", "## Targets", "",
+        lines.append(f"| {name} | {x['seconds']:.0f} | {x.get('cpu_seconds', float('nan')):.0f} | {_summary(name, x)} |")
+    lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) | {cpu:.0f} ({cpu / 60:.1f} min) | |", "",
+              "CPU seconds: the run's own processor time; with its one torch thread, about the wall time on an idle "
+              "core (the wall time also counts waiting for a busy machine's cores).", "", "## Targets", "",
               "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets(results)]
     lines += ["", "Same seed, same metrics: `tests/test_recipe.py` runs the recipe twice with one seed and compares "
@@ -169,6 +172,7 @@ def _summary(name: str, x: dict[str, Any]) -> str:
 
 SEED_COLUMNS = (
     ("minutes", "whole run, min"),
+    ("cpu_minutes", "CPU, min"),
     ("perception", "perception nothink %"),
     ("think", "multi-step think %"),
     ("nothink", "multi-step nothink %"),
@@ -184,6 +188,7 @@ def seed_row(results: dict[str, Any]) -> dict[str, float]:
     think, nothink = ev["think"]["reasoning"]["accuracy"], ev["nothink"]["reasoning"]["accuracy"]
     return {
         "minutes": sum(v["seconds"] for k, v in results.items() if k != "report" and isinstance(v, dict) and "seconds" in v) / 60,
+        "cpu_minutes": sum(v.get("cpu_seconds", 0.0) for k, v in results.items() if k != "report" and isinstance(v, dict)) / 60,
         "perception": ev["nothink"]["perception"]["accuracy"], "think": think, "nothink": nothink,
         "think_gain": think - nothink, "auto_choice": ev["auto_choice"],
         "text_acc": 100 * results["stage0_decoder"]["answer_acc"], "retrieval": 100 * results["stage0_vision"]["retrieval_after"],

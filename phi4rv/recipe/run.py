@@ -47,9 +47,11 @@ class Runner:
             say(f"[{name}] done before ({result['seconds']:.0f} s): {line(result)}")
             return result
         say(f"== {name}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
         result["seconds"] = round(time.perf_counter() - start, 1)
+        # with one torch thread, about what the step takes on an idle core (wall time counts the wait on a busy machine)
+        result["cpu_seconds"] = round(time.process_time() - cpu, 1)
         done.write_text(json.dumps(result, indent=2) + "\n")
         say(f"[{name}] {result['seconds']:.0f} s: {line(result)}")
         return result
