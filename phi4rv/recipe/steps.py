@@ -148,7 +148,9 @@ def stage_configs(r: Runner) -> dict[str, dict]:
     rate): reading every card in order is the densest reading signal the recipe has, and with the
     decoder frozen until stage 2, whether the tiny decoder learned to read a digit off its card
     within stage 2's budget swung with the machine (perception 62% on one, 91% on another, one
-    seed).
+    seed). Read back after stage 1 ("list the cards" on 96 held-out images, greedy): projector
+    only for 1 epoch, 33% of cards right and no image read whole (seed 0); with the decoder for 2
+    epochs, 92%, 95%, 93% of cards and 79%, 88%, 82% of images read whole (seeds 0, 1, 2).
 
     Unlike the paper's stage 2, the vision encoder stays as stage 0 left it: trained along with
     the decoder at lr 5e-4, the tiny encoder lost the digits before the decoder had learned to
