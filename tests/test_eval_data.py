@@ -181,11 +181,12 @@ def build_all(root: Path) -> Path:
     return root
 
 
-# Raw outputs per task and sample id that must score 1 (CORRECT) and 0 while parsed (WRONG).
+# Raw outputs per task and sample id that must score 1 (CORRECT) and 0 while parsed (WRONG) under
+# both rule sets; LENIENT_ONLY: outputs only `--rules lenient` accepts (the official scorers don't).
 CORRECT = {
-    "chartqa": {"0": "1,000", "1": "45%", "2": "<think>the tallest is 2010? no</think>The answer is 2008.", "3": "blue."},
+    "chartqa": {"0": "1000", "1": "45%", "2": "<think>the tallest is 2008? no</think>2010", "3": "blue"},
     "mathvista": {"1": "<think>B or C</think>(B) 5 cm", "2": "There were 1,000 people.", "3": "The slope is 1.449",
-                  "4": "The terms are 1, 2 and 3."},
+                  "4": "[1, 2, 3]"},
     "mmmu": {"validation_Art_1": "The answer is (B).", "validation_Math_1": "Therefore x = 12."},
     "screenspot_v2": {"desktop-0": "[0.25, 0.2, 0.45, 0.5]", "desktop-1": "(0.65, 0.65)",
                       "mobile-0": "<think>top left</think>[0.3, 0.3, 0.4, 0.4]", "mobile-1": "[0.6, 0.6, 0.7, 0.7]",
@@ -197,15 +198,26 @@ CORRECT = {
 }
 WRONG = {
     "chartqa": {"0": "1200", "1": "45", "2": "2200", "3": "Light blue"},
-    "mathvista": {"1": "(C)", "2": "999", "3": "1.5", "4": "1, 3, 2"},
+    "mathvista": {"1": "(C)", "2": "999", "3": "1.5", "4": "[1, 3, 2]"},
     "mmmu": {"validation_Art_1": "A", "validation_Math_1": "x = 13"},
     "screenspot_v2": {"desktop-0": "[0.9, 0.9, 1.0, 1.0]", "desktop-1": "[0.0, 0.0, 0.1, 0.1]",
                       "mobile-0": "[0.8, 0.8]", "mobile-1": "[0.1, 0.1, 0.2, 0.2]",
                       "web-0": "[0.0, 0.9, 0.1, 1.0]", "web-1": "(0.5, 0.5)"},
-    "ai2d": {"0": "The answer is A", "1": "(D)"},
+    "ai2d": {"0": "A.", "1": "(D)"},
     "ocrbench": {"0": "GO", "1": "X^{2}+1"},
     "synthetic": {"syn-0": "12", "syn-1": "45", "syn-2": "C", "syn-3": "[0.6, 0.6, 0.7, 0.7]", "syn-4": "1, 2, 3",
                   "syn-5": "Oak"},
+}
+
+
+LENIENT_ONLY = {
+    "chartqa": {"0": "1,000", "2": "The answer is 2008.", "3": "blue."},
+    "mathvista": {"4": "The terms are 1, 2 and 3."},
+    "ai2d": {"0": "The answer is B", "1": "I pick (C) rabbit."},
+}
+OFFICIAL_ONLY = {
+    "mathvista": {"1": "5"},  # the nearest option at any distance ("5 cm"); lenient wants it within half its length
+    "screenspot_v2": {"web-1": "[0.68, 0.69, 0.62, 0.61]"},  # an inverted box: official takes its centre
 }
 
 
@@ -258,7 +270,9 @@ def test_chartqa_huggingfacem4_layout(tmp_path):
     task = get_task("chartqa")
     [s] = load_task(task, tmp_path)
     assert s.groups == {"type": "augmented_test"} and s.target == ["1,000"]
-    assert task.score(s, "1000").score == 1.0
+    assert task.score(s, "1,000").score == 1.0
+    assert task.score(s, "1000").score == 0.0  # official: float("1,000") does not read, and the strings differ
+    assert get_task("chartqa", rules="lenient").score(s, "1000").score == 1.0
 
 
 def test_screenspot_reads_image_sizes_and_pixel_boxes(bench):
@@ -292,35 +306,86 @@ def _score(bench, tmp_path, capsys, task, outputs, *extra):
     return json.loads(capsys.readouterr().out), [json.loads(line) for line in out.read_text().splitlines()]
 
 
+@pytest.mark.parametrize("rules", ["official", "lenient"])
 @pytest.mark.parametrize("task", list(BUILDERS))
-def test_correct_outputs_score_full_marks(bench, tmp_path, capsys, task):
-    metrics, rows = _score(bench, tmp_path, capsys, task, CORRECT[task])
+def test_correct_outputs_score_full_marks(bench, tmp_path, capsys, task, rules):
+    metrics, rows = _score(bench, tmp_path, capsys, task, CORRECT[task], "--rules", rules)
     bad = [(r["id"], r["answer"], r["prediction"]) for r in rows if r["score"] != 1.0]
     assert not bad
     assert metrics["accuracy"] == 100.0 and metrics["unparsed"] == 0 and metrics["missing"] == 0
+    assert metrics["rules"] == (None if task == "synthetic" else rules)
 
 
+@pytest.mark.parametrize("rules", ["official", "lenient"])
 @pytest.mark.parametrize("task", list(BUILDERS))
-def test_wrong_outputs_score_zero_but_parse(bench, tmp_path, capsys, task):
-    metrics, rows = _score(bench, tmp_path, capsys, task, WRONG[task])
+def test_wrong_outputs_score_zero_but_parse(bench, tmp_path, capsys, task, rules):
+    metrics, rows = _score(bench, tmp_path, capsys, task, WRONG[task], "--rules", rules)
     assert [r["id"] for r in rows if r["score"] != 0.0] == []
     assert [r["id"] for r in rows if r["parse"] != "ok"] == []
     assert metrics["accuracy"] == 0.0
 
 
-def test_unparsed_answers_are_counted_never_guessed(bench, tmp_path, capsys):
+@pytest.mark.parametrize("task", list(LENIENT_ONLY))
+def test_lenient_rules_accept_what_the_official_scorers_do_not(bench, tmp_path, capsys, task):
+    _, rows = _score(bench, tmp_path, capsys, task, LENIENT_ONLY[task], "--rules", "lenient", "--allow-missing")
+    assert [r["score"] for r in rows] == [1.0] * len(LENIENT_ONLY[task])
+    _, rows = _score(bench, tmp_path, capsys, task, LENIENT_ONLY[task], "--allow-missing")
+    assert [r["score"] for r in rows] == [0.0] * len(LENIENT_ONLY[task])
+
+
+@pytest.mark.parametrize("task", list(OFFICIAL_ONLY))
+def test_official_rules_accept_what_the_lenient_ones_refuse(bench, tmp_path, capsys, task):
+    _, rows = _score(bench, tmp_path, capsys, task, OFFICIAL_ONLY[task], "--allow-missing")
+    assert [r["score"] for r in rows] == [1.0] * len(OFFICIAL_ONLY[task])
+    _, rows = _score(bench, tmp_path, capsys, task, OFFICIAL_ONLY[task], "--rules", "lenient", "--allow-missing")
+    assert [(r["score"], r["parse"]) for r in rows] == [(0.0, "unparsed")] * len(OFFICIAL_ONLY[task])
+
+
+def test_every_sample_counts_in_eval_score(bench, tmp_path, capsys):
+    """A missing prediction is wrong unless --allow-missing; a failed query is wrong and an error."""
+    outputs = {"0": "B"}  # 1 of 2 ai2d samples, right
+    metrics, rows = _score(bench, tmp_path, capsys, "ai2d", outputs)
+    assert (metrics["n"], metrics["missing"], metrics["accuracy"]) == (2, 1, 50.0)
+    assert [r["parse"] for r in rows] == ["ok", "missing"]
+    metrics, _ = _score(bench, tmp_path, capsys, "ai2d", outputs, "--allow-missing")
+    assert (metrics["n"], metrics["missing"], metrics["accuracy"]) == (1, 1, 100.0)
+    preds = tmp_path / "failed.jsonl"
+    preds.write_text(json.dumps({"id": "0", "output": "B"}) + "\n" + json.dumps({"id": "1", "error": "HTTP 400"}) + "\n")
+    assert main(["eval", "score", "--task", "ai2d", "--predictions", str(preds), "--data-dir", str(bench)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert (metrics["n"], metrics["errors"], metrics["missing"], metrics["accuracy"]) == (2, 1, 0, 50.0)
+
+
+@pytest.mark.parametrize("rules", ["official", "lenient"])
+def test_unparsed_answers_are_counted(bench, tmp_path, capsys, rules):
     outputs = {"validation_Art_1": "<think>It is clearly (B) The Scream", "validation_Math_1": ""}
-    metrics, rows = _score(bench, tmp_path, capsys, "mmmu", outputs)
+    metrics, rows = _score(bench, tmp_path, capsys, "mmmu", outputs, "--rules", rules)
     assert metrics["unparsed"] == 2 and metrics["accuracy"] == 0.0
     assert rows[0]["parse"] == "no_answer" and rows[0]["answer"] is None
-    metrics, rows = _score(bench, tmp_path, capsys, "ai2d", {"0": "I am not sure.", "1": "<think>C</think>"})
-    assert [r["parse"] for r in rows] == ["unparsed", "no_answer"]
+    metrics, rows = _score(bench, tmp_path, capsys, "ai2d", {"0": "I am not sure.", "1": "<think>C</think>"},
+                           "--rules", rules)
+    assert [r["parse"] for r in rows] == ["unparsed", "no_answer"] and metrics["accuracy"] == 0.0
 
 
-def test_screenspot_pixel_answers_unparsed_under_the_fraction_convention(bench, tmp_path, capsys):
+def test_mmmu_official_guesses_a_seeded_letter_and_counts_it_unparsed(bench, tmp_path, capsys):
+    """The official MMMU parser picks a random option when nothing parses; the draw is seeded per
+    sample (the same letter every time) and the record still says unparsed."""
+    outputs = {"validation_Art_1": "I cannot tell.", "validation_Math_1": "12"}
+    first, rows = _score(bench, tmp_path, capsys, "mmmu", outputs)
+    assert rows[0]["parse"] == "unparsed" and rows[0]["prediction"] in "ABCD" and first["unparsed"] == 1
+    assert rows[0]["score"] == float(rows[0]["prediction"] == "B")
+    again, rows2 = _score(bench, tmp_path, capsys, "mmmu", outputs)
+    assert rows2[0]["prediction"] == rows[0]["prediction"] and again == first
+    _, rows = _score(bench, tmp_path, capsys, "mmmu", outputs, "--rules", "lenient")
+    assert rows[0]["parse"] == "unparsed" and rows[0]["score"] == 0.0 and rows[0]["prediction"] is None
+
+
+def test_screenspot_pixel_answers_miss_under_the_fraction_convention(bench, tmp_path, capsys):
     outputs = {"desktop-0": "[60, 25, 80, 45]"}  # inside the target in pixels, but the contract is fractions
-    metrics, rows = _score(bench, tmp_path, capsys, "screenspot_v2", outputs)
+    metrics, rows = _score(bench, tmp_path, capsys, "screenspot_v2", outputs, "--rules", "lenient")
     assert rows[0]["parse"] == "unparsed" and metrics["missing"] == 5
+    metrics, rows = _score(bench, tmp_path, capsys, "screenspot_v2", outputs)  # official: off the image, a miss
+    assert rows[0]["parse"] == "ok" and rows[0]["score"] == 0.0
     metrics, rows = _score(bench, tmp_path, capsys, "screenspot_v2", outputs, "--coords", "pixel")
     assert rows[0]["score"] == 1.0
     metrics, rows = _score(bench, tmp_path, capsys, "screenspot_v2", {"desktop-0": "[300, 250, 400, 450]"},
@@ -333,8 +398,26 @@ def test_screenspot_reports_platform_means(bench, tmp_path, capsys):
                "web-1": "[0.9, 0.9, 1.0, 1.0]"}
     metrics, _ = _score(bench, tmp_path, capsys, "screenspot_v2", outputs)
     assert metrics["platform/desktop"] == 100.0 and metrics["platform/mobile"] == 50.0 and metrics["platform/web"] == 0.0
-    assert metrics["platform_mean"] == 50.0 and metrics["accuracy"] == 50.0
+    assert metrics["platform_mean"] == 50.0 and metrics["sample_mean"] == 50.0
     assert metrics["platform_type/mobile/icon"] == 100.0 and metrics["type/text"] == pytest.approx(100 / 3, abs=1e-3)
+    assert metrics["accuracy"] == metrics["column_mean"] == 50.0  # official: the macro average of the 6 columns
+
+
+def test_screenspot_official_accuracy_is_the_macro_average_of_the_six_columns(bench, tmp_path, capsys):
+    # the extra desktop/text rows make the sample mean and the column mean differ
+    d = tmp_path / "ss"
+    import shutil
+    shutil.copytree(bench / "screenspot_v2", d / "screenspot_v2")
+    rows = json.loads((d / "screenspot_v2/screenspot_desktop_v2.json").read_text())
+    rows += [dict(rows[0]) for _ in range(2)]
+    (d / "screenspot_v2/screenspot_desktop_v2.json").write_text(json.dumps(rows))
+    outputs = {"desktop-0": "[0.3, 0.3]", "desktop-2": "[0.3, 0.3]", "desktop-3": "[0.3, 0.3]",  # desktop/text 3/3
+               "desktop-1": "[0, 0]", "mobile-0": "[0, 0]", "mobile-1": "[0, 0]", "web-0": "[0, 0]", "web-1": "[0, 0]"}
+    official, _ = _score(d, tmp_path, capsys, "screenspot_v2", outputs)
+    lenient, _ = _score(d, tmp_path, capsys, "screenspot_v2", outputs, "--rules", "lenient")
+    assert official["accuracy"] == pytest.approx(100 / 6, abs=1e-3)
+    assert official["sample_mean"] == pytest.approx(300 / 8, abs=1e-3)
+    assert lenient["accuracy"] == pytest.approx(300 / 8, abs=1e-3)
 
 
 def test_score_rejects_unknown_ids(bench, tmp_path, capsys):
@@ -384,4 +467,4 @@ def test_tasks_lists_every_task_with_its_version(capsys):
     out = capsys.readouterr().out
     for name in BUILDERS:
         assert f"{name} " in out
-    assert "screenspot_v2  v1 *" in out
+    assert "screenspot_v2  v2 *" in out and "--rules official" in out

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from phi4rv.eval.extract import COORDS
+from phi4rv.eval.official import RULES
 from phi4rv.eval.records import iter_lines
 from phi4rv.eval.tasks import PAPER_AVERAGE, TASKS, Task, get_task
 from phi4rv.eval.tasks.base import EvalError
@@ -37,7 +38,7 @@ def _tasks(args: argparse.Namespace, names: list[str]) -> list[Task]:
         "synthetic": {"per_generator": args.synthetic_per_generator, "difficulty": args.synthetic_difficulty},
         "mathvista": {"judge": judge, "judge_name": judge.name if judge else None},
     }
-    return [get_task(n, **options.get(n, {})) for n in names]
+    return [get_task(n, rules=args.rules, **options.get(n, {})) for n in names]
 
 
 def _extra_body(text: str | None) -> dict | None:
@@ -114,30 +115,43 @@ def cmd_score(args: argparse.Namespace) -> None:
     samples = {s.id: s for s in load_task(task, args.data_dir, _data_overrides(args.data).get(task.name))}
     if not Path(args.predictions).is_file():
         raise EvalError(f"predictions file not found: {args.predictions}")
-    rows = []
+    rows: dict[str, dict] = {}
     for n, pred in enumerate(iter_lines(Path(args.predictions)), 1):
         sid = str(pred.get("id", ""))
         if sid not in samples:
             raise EvalError(f"{args.predictions}:{n}: id {sid!r} is not a {task.name} sample")
+        if pred.get("error"):  # the query failed: wrong, and counted as an error
+            rows[sid] = {"id": sid, "groups": samples[sid].groups, "parse": "error", "prediction": None,
+                         "score": 0.0, "error": str(pred["error"])}
+            continue
         output = next((pred[k] for k in ("output", "response", "prediction", "text") if k in pred), None)
         if not isinstance(output, str):
-            raise EvalError(f"{args.predictions}:{n}: no 'output' string")
+            raise EvalError(f"{args.predictions}:{n}: no 'output' string (a failed query: give it an 'error')")
         thinking = pred.get("thinking") or pred.get("reasoning_content")
-        rows.append({"id": sid, "groups": samples[sid].groups,
-                     **score_output(task, samples[sid], output, args.in_thinking, thinking)})
+        rows[sid] = {"id": sid, "groups": samples[sid].groups,
+                     **score_output(task, samples[sid], output, args.in_thinking, thinking)}
     if not rows:
         raise EvalError(f"{args.predictions}: no predictions")
+    missing = [sid for sid in samples if sid not in rows]
+    counted = list(rows.values())
+    if not args.allow_missing:  # a sample without a prediction is wrong
+        counted += [{"id": sid, "groups": samples[sid].groups, "parse": "missing", "prediction": None, "score": 0.0}
+                    for sid in missing]
     if args.out:
         with open(args.out, "w") as f:
-            for r in rows:
+            for r in counted:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     result = {
         "task": task.name,
         "version": task.version,
-        "n": len(rows),
-        "missing": len(samples) - len({r["id"] for r in rows}),
-        "unparsed": sum(r["parse"] != "ok" for r in rows),
-        **{k: round(v, 4) for k, v in task.metrics(rows).items()},
+        "rules": task.rules if task.has_rules else None,
+        "n": len(counted),  # the denominator
+        "predictions": len(rows),
+        "missing": len(missing),
+        "missing_counted_wrong": not args.allow_missing,
+        "errors": sum(r["parse"] == "error" for r in counted),
+        "unparsed": sum(r["parse"] in ("unparsed", "no_answer") for r in counted),
+        **{k: round(v, 4) for k, v in task.metrics(counted).items()},
     }
     print(json.dumps(result, indent=2))
 
@@ -147,6 +161,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         star = " *" if name in PAPER_AVERAGE else ""
         print(f"{name:<14} v{cls.version}{star}  {cls.layout}")
     print("* in the paper's 4-benchmark average")
+    print("scoring: --rules official (default: each benchmark's own scorer) | lenient (phi4rv's kinder extraction)")
 
 
 def _common(s: argparse.ArgumentParser) -> None:
@@ -159,6 +174,9 @@ def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--judge-endpoint", help="MathVista: OpenAI-compatible endpoint of an LLM answer extractor (off by default)")
     s.add_argument("--judge-model", help="MathVista: the judge's served model name")
     s.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    s.add_argument("--rules", default="official", choices=RULES,
+                   help="scoring rules: each benchmark's official scorer (default) or phi4rv's lenient extraction "
+                        "(recorded in run.json; reports say which)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -202,6 +220,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--predictions", required=True, type=Path)
     s.add_argument("--in-thinking", action="store_true", help="outputs start inside <think> (forced think prompts)")
     s.add_argument("--out", type=Path, help="also write the scored lines here")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="score only the samples with a prediction (default: a missing one is wrong)")
     _common(s)
     s.set_defaults(func=cmd_score)
 

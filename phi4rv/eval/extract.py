@@ -198,13 +198,16 @@ _POINT_OR_BOX = re.compile(r"[\[(]" + _C + "," + _C + r"(?:," + _C + "," + _C + 
 COORDS = ("fraction", "thousand", "pixel")
 
 
-def extract_click(text: str, width: int, height: int, coords: str = "fraction") -> tuple[float, float] | None:
+def extract_click(text: str, width: int, height: int, coords: str = "fraction",
+                  strict: bool = True) -> tuple[float, float] | None:
     """The click point, in pixels of the original `width` x `height` image, from the last
     `[x1, y1, x2, y2]` box (its centre) or `[x, y]` / `(x, y)` point in `text`.
 
     `coords` says what the numbers mean — never guessed: "fraction" (0–1 of width/height, the
-    release's grounding contract), "thousand" (0–1000), "pixel" (the original image). A value
-    outside that range, or a box with x1 > x2 or y1 > y2, makes the answer unparsed.
+    release's grounding contract), "thousand" (0–1000), "pixel" (the original image). `strict`:
+    a value outside that range, or a box with x1 > x2 or y1 > y2, makes the answer unparsed;
+    otherwise (the official ScreenSpot evaluation) any box gives its centre and a point off the
+    image simply misses.
     """
     if coords not in COORDS:
         raise ValueError(f"coords must be one of {', '.join(COORDS)}, got {coords!r}")
@@ -214,10 +217,10 @@ def extract_click(text: str, width: int, height: int, coords: str = "fraction") 
     vals = [float(v) for v in matches[-1].groups() if v is not None]
     limit_x, limit_y = {"fraction": (1.0, 1.0), "thousand": (1000.0, 1000.0), "pixel": (width, height)}[coords]
     xs, ys = vals[0::2], vals[1::2]
-    if not all(0 <= x <= limit_x for x in xs) or not all(0 <= y <= limit_y for y in ys):
+    if strict and (not all(0 <= x <= limit_x for x in xs) or not all(0 <= y <= limit_y for y in ys)):
         return None
     if len(vals) == 4:
-        if xs[0] > xs[1] or ys[0] > ys[1]:
+        if strict and (xs[0] > xs[1] or ys[0] > ys[1]):
             return None
         x, y = sum(xs) / 2, sum(ys) / 2
     else:

@@ -8,6 +8,9 @@ A record holds everything the report needs (so every figure can be recomputed fr
     tokens {prompt, image, thinking, answer, output}, times {preprocess, prefill, decode, ttft, total, …},
     error
 
+`run.json` holds the run's settings, each task's version and options (its scoring `rules`
+included) and how many samples each task selected, so a report counts the ones without a record.
+
 Times add up: ttft = preprocess + prefill (+ vision for the local backend), total = ttft + decode.
 A rerun skips ids that already have a record, except errors (retried; the later line wins).
 """
@@ -99,7 +102,8 @@ def merge_run(run_dir: Path, new: dict) -> dict:
     for name, spec in new["tasks"].items():
         if name in old["tasks"] and old["tasks"][name] != spec:
             raise EvalError(f"{run_dir}: task {name} has different version/options than the recorded run; use another --out")
-    merged = {**old, "tasks": {**old["tasks"], **new["tasks"]}, "modes": list(dict.fromkeys(old["modes"] + new["modes"]))}
+    merged = {**old, "tasks": {**old["tasks"], **new["tasks"]}, "modes": list(dict.fromkeys(old["modes"] + new["modes"])),
+              "samples": {**old.get("samples", {}), **new.get("samples", {})}}
     _write(path, merged)
     return merged
 

@@ -1,10 +1,12 @@
 """`phi4rv eval report`: tables, the paper's 4-benchmark average and Pareto plots, from records only.
 
-Per run × task × mode: accuracy (the task's main metric, %, over samples without a backend
-error), the task's own breakdown, unparsed count (answers nothing could be read from, plus
-reasoning that never closed), errors, mean and p90 latency (`times.total`, numpy's linear
-percentile), mean time to first token, mean output tokens (thinking + answer), and the share of
-answers given in think mode. The paper's average (ChartQA, MathVista, MMMU, ScreenSpot-v2) is the
+Per run × task × mode: accuracy (the task's main metric, %, over every sample of the run: a
+sample whose query failed — `parse == "error"`: an image that did not load, an HTTP error, a
+timeout after retries — or that has no record at all is wrong), the scoring rules used, the
+task's own breakdown, n (samples in the denominator), unparsed count (answers nothing could be
+read from, plus reasoning that never closed), errors, missing, mean and p90 latency
+(`times.total`, numpy's linear percentile, over the samples that ran), mean time to first
+token, mean output tokens (thinking + answer), and the share of answers given in think mode. The paper's average (ChartQA, MathVista, MMMU, ScreenSpot-v2) is the
 plain mean of the four tasks' accuracies, mean latencies and mean output tokens. Pareto plots put
 every run × mode on accuracy vs mean time and vs mean output tokens and draw the frontier.
 """
@@ -29,7 +31,7 @@ class Row:
     run: str
     task: str
     mode: str
-    n: int
+    n: int  # every sample of the run: scored + errors + missing
     accuracy: float
     unparsed: int
     errors: int
@@ -40,6 +42,8 @@ class Row:
     thinking_tokens_mean: float | None
     think_share: float | None  # % of answers given in think mode
     metrics: dict[str, float] = field(default_factory=dict)
+    missing: int = 0  # samples the run selected that have no record (an interrupted run)
+    rules: str = "-"  # "official" | "lenient" ("-": a task with one rule)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -47,16 +51,20 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def summarise(task: Task, run: str, mode: str, records: list[dict]) -> Row:
+def summarise(task: Task, run: str, mode: str, records: list[dict], expected: int | None = None) -> Row:
+    """One row; `expected`: how many samples the run selected (records short of it are missing,
+    and count as wrong)."""
     scored = [r for r in records if r["parse"] != "error"]
-    metrics = task.metrics(scored) if scored else {"accuracy": float("nan")}
+    missing = max(0, expected - len(records)) if expected is not None else 0
+    counted = [*records, *({"score": 0.0, "groups": {}} for _ in range(missing))]
+    metrics = task.metrics(counted) if counted else {"accuracy": float("nan")}
     totals = [r["times"].get("total") for r in scored if r.get("times")]
     totals = [t for t in totals if t is not None]
     return Row(
         run=run,
         task=task.name,
         mode=mode,
-        n=len(scored),
+        n=len(counted),
         accuracy=metrics["accuracy"],
         unparsed=sum(r["parse"] in ("unparsed", "no_answer") for r in scored),
         errors=len(records) - len(scored),
@@ -67,6 +75,8 @@ def summarise(task: Task, run: str, mode: str, records: list[dict]) -> Row:
         thinking_tokens_mean=_mean([(r.get("tokens") or {}).get("thinking") for r in scored]),
         think_share=100.0 * sum(r["answered_mode"] == "think" for r in scored) / len(scored) if scored else None,
         metrics={k: v for k, v in metrics.items() if k != "accuracy"},
+        missing=missing,
+        rules=task.rules if task.has_rules else "-",
     )
 
 
@@ -82,11 +92,14 @@ def load_rows(run_dirs: Sequence[Path]) -> list[Row]:
             if name not in TASKS:
                 raise EvalError(f"{run_dir}: unknown task {name!r} in run.json")
             options = {k: v for k, v in spec.items() if k not in ("version", "judge")}
+            if TASKS[name].has_rules and "rules" not in options:
+                options["rules"] = "lenient"  # recorded before official rules existed: scored leniently
             task = TASKS[name](**options)
+            expected = (run.get("samples") or {}).get(name)
             for mode in run["modes"]:
                 records = list(read_records(records_path(run_dir, name, mode)).values())
                 if records:
-                    rows.append(summarise(task, label, mode, records))
+                    rows.append(summarise(task, label, mode, records, expected))
     return rows
 
 
@@ -168,10 +181,12 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 def to_markdown(rows: list[Row], average: list[dict], figures: list[str]) -> str:
     lines = ["# Evaluation report", "",
-             "| run | task | mode | n | accuracy % | unparsed | errors | mean s | p90 s | TTFT s | out tok | think tok | think % |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | task | mode | rules | n | accuracy % | unparsed | errors | missing | mean s | p90 s | TTFT s "
+             "| out tok | think tok | think % |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r.run} | {r.task} | {r.mode} | {r.n} | {_f(r.accuracy)} | {r.unparsed} | {r.errors} | "
+        lines.append(f"| {r.run} | {r.task} | {r.mode} | {r.rules} | {r.n} | {_f(r.accuracy)} | {r.unparsed} | "
+                     f"{r.errors} | {r.missing} | "
                      f"{_f(r.latency_mean, 3)} | {_f(r.latency_p90, 3)} | {_f(r.ttft_mean, 3)} | "
                      f"{_f(r.output_tokens_mean)} | {_f(r.thinking_tokens_mean)} | {_f(r.think_share, 0)} |")
     if average:
@@ -186,9 +201,12 @@ def to_markdown(rows: list[Row], average: list[dict], figures: list[str]) -> str
         for r in detailed:
             parts = ", ".join(f"{k} {_f(v)}" for k, v in r.metrics.items())
             lines.append(f"- **{r.run} · {r.task} · {r.mode}**: {parts}")
-    if any(r.errors for r in rows):
-        lines += ["", "Samples with a backend error are left out of every figure; rerun `phi4rv eval run` "
-                  "with the same arguments to retry them."]
+    lines += ["", "Every sample counts: accuracy is over n, and a sample with an error (it never got an answer) "
+              "or without a record (missing) is wrong. Rules: `official` follows each benchmark's own scorer, "
+              "`lenient` phi4rv's kinder extraction (`phi4rv eval tasks`)."]
+    if any(r.errors or r.missing for r in rows):
+        lines += ["", "Rerun `phi4rv eval run` with the same arguments to retry the errors and run the missing "
+                  "samples; latency and token figures are over the samples that ran."]
     lines += [""] + [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 

@@ -113,6 +113,7 @@ def run_eval(cfg: RunConfig, backend: Any) -> dict[str, Any]:
         "settings": {"limit": cfg.limit, "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, **backend.settings()},
         "runtime": backend.runtime(),
         "tasks": {t.name: {"version": t.version, **t.options()} for t in cfg.tasks},
+        "samples": {t.name: len(samples) for t, samples in loaded},  # every one counts in the report
         "modes": list(cfg.modes),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from phi4rv.data.formats import ImageRef
+from phi4rv.eval.official import RULES
 from phi4rv.eval.scoring import Scored
 
 
@@ -39,6 +40,12 @@ class Task:
     folders: tuple[str, ...] = ()  # where the data lives under --data-dir (first existing one)
     max_new_tokens: int = 4096  # the paper's protocol
     layout: str = ""  # one line shown by `phi4rv eval tasks`
+    has_rules: bool = True  # False: one scoring rule only (the synthetic task's verifier)
+
+    def __init__(self, rules: str = "official"):
+        if rules not in RULES:
+            raise EvalError(f"rules must be one of {', '.join(RULES)}, got {rules!r}")
+        self.rules = rules
 
     def load(self, path: Path | None) -> list[EvalSample]:
         raise NotImplementedError
@@ -48,7 +55,8 @@ class Task:
         raise NotImplementedError
 
     def metrics(self, rows: list[dict]) -> dict[str, float]:
-        """Percentages from record-like dicts (`score`, `groups`): overall and per group value."""
+        """Percentages from record-like dicts (`score`, `groups`): overall and per group value.
+        Every row counts: a failed or missing sample comes in with score 0."""
         out = {"accuracy": mean_pct([r["score"] for r in rows])}
         by: dict[str, list[float]] = defaultdict(list)
         for r in rows:
@@ -59,7 +67,7 @@ class Task:
 
     def options(self) -> dict[str, Any]:
         """Settings that change scores (recorded in run.json; a resumed run must match)."""
-        return {}
+        return {"rules": self.rules} if self.has_rules else {}
 
     def find_data(self, data_dir: Path | None) -> Path | None:
         if data_dir is None:

@@ -4,12 +4,15 @@ Layout: Parquet under `chartqa/` — the lmms-lab copy (`type`, `question`, `ans
 the HuggingFaceM4 copy (`query`, `label` list, `human_or_machine`). Prompt as lmms-eval:
 question + "Answer the question with a single word.".
 
-Score: relaxed accuracy (`scoring.relaxed_match`) on the answer's final span (`final_span`: a
-boxed value or what follows "answer is", else the whole answer). Decisions beyond lmms-eval,
-which would score these wrong: thousands separators (`1,000` == 1000), a trailing period, bold
-markers, a leading currency sign and "The answer is X" are normalised away. As in lmms-eval, a
-trailing `%` divides by 100 (`45%` == 0.45 but != 45), and years are numbers (2008 vs 2010 is
-within 5%, so correct). Reported overall and per type.
+Score, `rules="official"` (default): lmms-eval's relaxed accuracy (`official.chartqa_relaxed`)
+on the raw answer (reasoning removed, nothing else): numbers as Python's `float` reads them
+within 5% of a non-zero target, else a case-insensitive exact match; `1,000`, `$5`, `12.` with
+words, a trailing period after a word or "The answer is X" are wrong, as they are there.
+`rules="lenient"`: relaxed accuracy (`scoring.relaxed_match`) on the answer's final span
+(`final_span`: a boxed value or what follows "answer is", else the whole answer), with thousands
+separators, a trailing period, bold markers and a leading currency sign normalised away, and a
+zero target compared numerically. Both: a trailing `%` divides by 100 (`45%` == 0.45 but != 45)
+and years are numbers (2008 vs 2010 is within 5%, so correct). Reported overall and per type.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from phi4rv.eval.extract import final_span
+from phi4rv.eval.official import chartqa_relaxed
 from phi4rv.eval.scoring import UNPARSED, Scored, relaxed_match
 from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
 
@@ -25,6 +29,7 @@ POST_PROMPT = "\nAnswer the question with a single word."
 
 class ChartQA(Task):
     name = "chartqa"
+    version = "2"
     folders = ("chartqa", "ChartQA")
     layout = "chartqa/**/test-*.parquet: type, question, answer, image (or query, label, human_or_machine)"
 
@@ -48,8 +53,13 @@ class ChartQA(Task):
         return samples
 
     def score(self, sample: EvalSample, answer: str) -> Scored:
+        targets = sample.target if isinstance(sample.target, list) else [sample.target]
+        if self.rules == "official":
+            pred = answer.strip()
+            if not pred:
+                return UNPARSED
+            return Scored(float(any(chartqa_relaxed(pred, str(t)) for t in targets)), True, pred)
         pred = final_span(answer)
         if not pred:
             return UNPARSED
-        targets = sample.target if isinstance(sample.target, list) else [sample.target]
         return Scored(float(any(relaxed_match(pred, str(t)) for t in targets)), True, pred)

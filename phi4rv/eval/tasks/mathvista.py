@@ -7,14 +7,20 @@ copy: cast to int), `answer` (the option *text* for multiple choice), `question_
 (the official prompt with its hint: sent as is).
 
 Extraction is deterministic (both harnesses send anything that is not a bare answer to a GPT
-extractor): multiple choice → `extract_choice` (letter or option text), else the option within
-half its length in edit distance (the official rule takes the nearest option at any distance,
-which is a guess); free form → `scoring.free_form_value` (a boxed value, "answer is …", else the
-last number). Then MathVista's normalisation on both sides: integer → str(int(x)), float →
-str(round(x, int(precision))) (lmms-eval passes the float precision and fails every float
-question), list → the numbers in order (VLMEvalKit never scores lists right), text → case-
-insensitive. An optional LLM judge (`judge`, off by default, recorded when used) extracts only
-when the deterministic reading finds nothing.
+extractor; that step is replaced here): multiple choice → `extract_choice` (letter or option
+text), else the answer's final span; free form → `scoring.free_form_value` (a boxed value,
+"answer is …", else the last number, read as a plain number: `1,000` → 1000); list → the final
+span. An optional LLM judge (`judge`, off by default, recorded when used) extracts only when the
+deterministic reading finds nothing.
+
+Score, `rules="official"` (default), MathVista's `calculate_score.py`: the extraction is
+normalised (`official.mathvista_normalize`: a letter picks its option, else the nearest option by
+edit distance at any distance; integer → str(int(float(x))); float → str(round(float(x),
+int(precision))), the integer precision lmms-eval forgets; list → str(x)) and compared as a
+string with the gold answer as the dataset gives it (not normalised).
+`rules="lenient"`: an option only within half its length in edit distance (else unparsed), the
+same normalisation applied to the gold answer too, lists compared as their numbers in order
+(VLMEvalKit never scores lists right), text case-insensitive.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from phi4rv.eval.extract import extract_choice, final_span, letters_for
+from phi4rv.eval.extract import extract_choice, final_span, letters_for, to_number
+from phi4rv.eval.official import mathvista_normalize
 from phi4rv.eval.scoring import UNPARSED, Scored, free_form_value, nearest_option, norm_text, normalise_mathvista
 from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
 
@@ -31,15 +38,17 @@ Judge = Callable[[str, str], "str | None"]  # (question, answer) -> extracted an
 
 class MathVista(Task):
     name = "mathvista"
+    version = "2"
     folders = ("mathvista", "MathVista")
     layout = "mathvista/**/testmini-*.parquet: pid, query, decoded_image, choices, precision, answer, question_type, answer_type"
 
-    def __init__(self, judge: Judge | None = None, judge_name: str | None = None):
+    def __init__(self, judge: Judge | None = None, judge_name: str | None = None, rules: str = "official"):
+        super().__init__(rules)
         self.judge = judge
         self.judge_name = judge_name
 
     def options(self) -> dict:
-        return {"judge": self.judge_name} if self.judge else {}
+        return {**super().options(), **({"judge": self.judge_name} if self.judge else {})}
 
     def load(self, path: Path) -> list[EvalSample]:
         samples = []
@@ -76,6 +85,8 @@ class MathVista(Task):
         return scored or UNPARSED
 
     def _read(self, sample: EvalSample, answer: str) -> Scored | None:
+        if self.rules == "official":
+            return self._official(sample, answer)
         info = sample.info
         choices = info["choices"]
         if choices:
@@ -100,3 +111,22 @@ class MathVista(Task):
         if kind == "text":
             return Scored(float(norm_text(pred) == norm_text(gold or "")), True, pred)
         return Scored(float(pred == gold), True, pred)
+
+    def _official(self, sample: EvalSample, answer: str) -> Scored | None:
+        info = sample.info
+        choices, kind = info["choices"], info["answer_type"]
+        if choices:
+            letter = extract_choice(answer, letters_for(len(choices)), choices)
+            extraction = letter if letter is not None else final_span(answer)
+        elif kind == "list":
+            extraction = final_span(answer)
+        else:
+            value = free_form_value(answer)
+            n = to_number(value) if value is not None else None
+            extraction = repr(n) if n is not None else value
+        if not extraction:
+            return None
+        pred = mathvista_normalize(extraction, choices, kind, info["precision"])
+        if pred is None:
+            return None
+        return Scored(float(pred == sample.target), True, pred)

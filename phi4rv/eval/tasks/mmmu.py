@@ -10,11 +10,19 @@ images go: each image referenced by a `<image k>` marker is placed before the te
 first mention, and the markers stay in the text as names (lmms-eval swaps markers for image
 slots in place, which breaks when an image is mentioned twice).
 
-Score: multiple choice — `extract.extract_choice` (an explicit "answer is X" first, then an
-answer-first letter, then the official rule: the last "(X)", the last lone letter, the option
-text); when nothing parses the official code picks a random letter, we count it unparsed.
-Open — the official rule (`scoring.mmmu_open_match`). Reported overall, per subject and per
-question type.
+Score, `rules="official"` (default), the MMMU repository's `eval_utils.py`: multiple choice —
+`official.mmmu_parse_choice` ("(X)", else " X ", else an option's text in answers over 5
+words; the last of several); when nothing parses, the official random letter, drawn with a
+seed per sample (`official.mmmu_random_choice`), scores as it falls and the record says
+`unparsed`, so the report counts it. Open — `parse_open_response` / `eval_open` (key
+sub-answers after "is", "therefore", "=", …, split on newlines only as the official regex does;
+numbers rounded to 2 places, strings by containment). One decision beyond the official code: a
+gold answer holding a Python list ("['24/7', '3.43']") is read as that list (the official code
+compares the whole bracketed string and never scores those rows right).
+`rules="lenient"`: multiple choice by `extract.extract_choice` (an explicit "answer is X" first,
+then an answer-first letter, the last "(X)", the last lone letter, the option text), nothing
+readable → unparsed and wrong; open by `scoring.mmmu_open_match` (also splits at ". " before a
+word). Reported overall, per subject and per question type.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import re
 from pathlib import Path
 
 from phi4rv.eval.extract import extract_choice, letters_for
+from phi4rv.eval.official import mmmu_eval_open, mmmu_parse_choice, mmmu_parse_open, mmmu_random_choice
 from phi4rv.eval.scoring import UNPARSED, Scored, mmmu_open_match, parse_listish
 from phi4rv.eval.tasks.ai2d import MC_PROMPT, format_options
 from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
@@ -39,6 +48,7 @@ def subject_of(sample_id: str) -> str:
 
 class MMMU(Task):
     name = "mmmu"
+    version = "2"
     folders = ("mmmu", "MMMU")
     layout = "mmmu/<Subject>/validation-*.parquet: id, question, options (str list), answer, image_1..7, question_type"
 
@@ -68,6 +78,8 @@ class MMMU(Task):
         return samples
 
     def score(self, sample: EvalSample, answer: str) -> Scored:
+        if self.rules == "official":
+            return self._official(sample, answer)
         if not answer.strip():
             return UNPARSED
         options = sample.info.get("options")
@@ -79,3 +91,18 @@ class MMMU(Task):
             return Scored(float(letter in gold), True, letter)
         hit, keys = mmmu_open_match(answer, sample.target)
         return Scored(float(hit), True, keys)
+
+    def _official(self, sample: EvalSample, answer: str) -> Scored:
+        golds = [str(g).strip() for g in parse_listish(sample.target)]
+        options = sample.info.get("options")
+        if options:
+            letters = letters_for(len(options))
+            letter = mmmu_parse_choice(answer, letters, options)
+            if letter is None:
+                guess = mmmu_random_choice(letters, sample.id)
+                return Scored(float(guess in golds), False, guess)
+            return Scored(float(letter in golds), True, letter)
+        if not answer.strip():
+            return UNPARSED
+        preds = mmmu_parse_open(answer)
+        return Scored(float(mmmu_eval_open(golds, preds)), True, preds)

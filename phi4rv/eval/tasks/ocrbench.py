@@ -3,22 +3,26 @@
 Layout: Parquet under `ocrbench/` (echo840 copy): `dataset`, `question`, `question_type`,
 `answer` (list of strings), `image`. The question is sent as is.
 
-Score (official): correct if some gold answer, lower-cased with newlines as spaces, is a substring
-of the lower-cased answer; for `HME100k` rows all spaces are removed and case is kept. Only the
-answer part is scored (reasoning stripped), so long thinking can't win by containing the string.
-Reported overall (the official total /10) and per question type.
+Score, `rules="official"` (default), OCRBench's own rule (`official.ocrbench_match`): correct if
+some gold answer, lower-cased and stripped with newlines as spaces, is a substring of the answer
+treated alike; for `HME100k` rows newlines and spaces are removed and case is kept.
+`rules="lenient"` (`scoring.ocr_match`): the same, except that HME100k removes every kind of
+whitespace. Only the answer part is scored (reasoning stripped), so long thinking can't win by
+containing the string. Reported overall (the official total /10) and per question type.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from phi4rv.eval.official import ocrbench_match
 from phi4rv.eval.scoring import UNPARSED, Scored, ocr_match, parse_listish
 from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
 
 
 class OCRBench(Task):
     name = "ocrbench"
+    version = "2"
     folders = ("ocrbench", "OCRBench")
     layout = "ocrbench/**/test-*.parquet: dataset, question, question_type, answer (list), image"
 
@@ -40,5 +44,6 @@ class OCRBench(Task):
     def score(self, sample: EvalSample, answer: str) -> Scored:
         if not answer.strip():
             return UNPARSED
-        hit = ocr_match(answer, sample.target, hme=sample.info.get("dataset") == "HME100k")
+        match = ocrbench_match if self.rules == "official" else ocr_match
+        hit = match(answer, sample.target, hme=sample.info.get("dataset") == "HME100k")
         return Scored(float(hit), True, answer.strip())

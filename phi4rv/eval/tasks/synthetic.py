@@ -53,7 +53,10 @@ class Synthetic(Task):
     max_new_tokens = 512
     layout = "synthetic/*.parquet or *.jsonl in phi4rv's formats, meta: task, kind, mode, answer, answer_type"
 
-    def __init__(self, per_generator: int = 20, difficulty: str = "tiny"):
+    has_rules = False  # the data engine's verifier is this task's one rule
+
+    def __init__(self, per_generator: int = 20, difficulty: str = "tiny", rules: str = "official"):
+        super().__init__(rules)
         self.per_generator = per_generator
         self.difficulty = difficulty
 
