@@ -163,7 +163,7 @@ def test_full_run_scores_canned_answers_in_every_mode(stub, bench, tmp_path, cap
                     inline = "</think>" in CORRECT[name][r["id"]]
                     assert r["answered_mode"] == ("think" if inline else "nothink") and tok["thinking"] == 0
     printed = capsys.readouterr().out
-    assert "| stub-model | chartqa | think | 4 | 100.0 | 0 | 0 |" in printed
+    assert "| stub-model | chartqa | think | official | 4 | 100.0 | 0 | 0 | 0 |" in printed
 
 
 def test_same_prompts_as_the_local_backend(stub, bench, tok_dir):

@@ -53,7 +53,8 @@ def test_one_record_per_sample_and_mode(run_dir):
                 assert r["prompt"][-1]["role"] == "user" and r["n_images"] == 1
     run = json.loads((run_dir / "run.json").read_text())
     assert run["backend"]["kind"] == "local" and run["settings"]["max_new_tokens"] == MAX_NEW
-    assert run["tasks"]["ai2d"] == {"version": "1"} and run["modes"] == ["auto", "think", "nothink"]
+    assert run["tasks"]["ai2d"] == {"version": "2", "rules": "official"} and run["samples"]["ai2d"] == 2
+    assert run["modes"] == ["auto", "think", "nothink"]
 
 
 def test_times_add_up_and_tokens_are_counted(run_dir):

@@ -75,7 +75,7 @@ def test_report_figures_are_recomputable_from_records(runs, tmp_path, capsys):
     assert {"platform_mean", "platform/desktop", "platform_type/web/icon"} <= set(screen)
 
     md = (out / "report.md").read_text()
-    assert "| good | chartqa | auto | 4 | 100.0 | 0 | 0 |" in md and "## Paper average" in md
+    assert "| good | chartqa | auto | official | 4 | 100.0 | 0 | 0 | 0 |" in md and "## Paper average" in md
     for name in report["figures"]:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 500
@@ -83,16 +83,36 @@ def test_report_figures_are_recomputable_from_records(runs, tmp_path, capsys):
     assert "pareto.png" in capsys.readouterr().out
 
 
-def test_errors_are_left_out_and_counted(runs, tmp_path):
-    path = records_path(runs[1], "ai2d", "nothink")
-    recs = records(runs[1], "ai2d", "nothink")
-    recs[0].update(parse="error", error="HTTP 500", score=0.0)
+def test_failed_and_missing_samples_count_as_wrong(runs, tmp_path):
+    """A failed query stays in the denominator as a wrong answer and an error; a selected sample
+    without a record (an interrupted run) is wrong and missing."""
+    path = records_path(runs[0], "ai2d", "nothink")
+    recs = records(runs[0], "ai2d", "nothink")  # the 'good' run: both right
+    assert [r["score"] for r in recs] == [1.0, 1.0]
+    recs[0].update(parse="error", error="HTTP 400: image could not be decoded", score=0.0)
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert main(["eval", "report", str(runs[1]), "--out", str(tmp_path / "r")]) == 0
-    row = next(r for r in json.loads((tmp_path / "r" / "report.json").read_text())["rows"] if r["task"] == "ai2d")
-    assert (row["n"], row["errors"]) == (1, 1)
-    assert row["accuracy"] == pytest.approx(100 * recs[1]["score"])
-    assert "retry them" in (tmp_path / "r" / "report.md").read_text()
+    assert main(["eval", "report", str(runs[0]), "--out", str(tmp_path / "r")]) == 0
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    row = next(r for r in rows if (r["task"], r["mode"]) == ("ai2d", "nothink"))
+    assert (row["n"], row["errors"], row["missing"], row["accuracy"]) == (2, 1, 0, 50.0)
+    assert "retry the errors" in (tmp_path / "r" / "report.md").read_text()
+
+    path.write_text(json.dumps(recs[1]) + "\n")  # the other record lost
+    assert main(["eval", "report", str(runs[0]), "--out", str(tmp_path / "r2")]) == 0
+    rows = json.loads((tmp_path / "r2" / "report.json").read_text())["rows"]
+    row = next(r for r in rows if (r["task"], r["mode"]) == ("ai2d", "nothink"))
+    assert (row["n"], row["errors"], row["missing"], row["accuracy"]) == (2, 0, 1, 50.0)
+
+
+def test_a_run_recorded_before_rules_existed_reports_lenient(runs, tmp_path):
+    run = json.loads((runs[0] / "run.json").read_text())
+    assert run["tasks"]["chartqa"]["rules"] == "official" and run["samples"]["chartqa"] == 4
+    for spec in run["tasks"].values():
+        spec.pop("rules", None)
+    (runs[0] / "run.json").write_text(json.dumps(run))
+    assert main(["eval", "report", str(runs[0]), "--out", str(tmp_path / "r")]) == 0
+    rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
+    assert {r["rules"] for r in rows} == {"lenient"}
 
 
 def test_frontier():
