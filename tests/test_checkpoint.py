@@ -48,8 +48,10 @@ def test_save_writes_release_layout_and_loads_back(tmp_path):
     assert VISION_PREFIX + "embeddings.position_embedding.weight" in keys
     assert "model.layers.1.self_attn.qkv_proj.weight" in keys and "model.layers.0.mlp.gate_up_proj.weight" in keys
     again = load_model(out)
-    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert n1 == n2 and torch.equal(p1, p2)
+    saved, loaded = model.state_dict(), again.state_dict()
+    assert list(loaded) == list(saved)  # no key missing, none extra, the same order
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_save_is_atomic_and_replaces(tmp_path):

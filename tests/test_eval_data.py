@@ -428,7 +428,7 @@ def test_score_rejects_unknown_ids(bench, tmp_path, capsys):
 
 
 def test_synthetic_generates_held_out_samples_when_no_data_folder(tmp_path):
-    synth = pytest.importorskip("phi4rv.data.synth")
+    import phi4rv.data.synth as synth
     from phi4rv.eval.extract import split_reasoning
     from phi4rv.eval.tasks.synthetic import HELD_OUT_SEED_BASE
 

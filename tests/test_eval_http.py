@@ -285,7 +285,6 @@ def test_judge_extracts_only_when_the_extractor_finds_nothing(stub, bench, tmp_p
 def test_phi4rv_serve_gives_the_records_of_the_in_process_backend(tiny_ckpt, bench, tmp_path):
     """The real server (`phi4rv serve`, batch 1) and the in-process backend, same task and seed:
     the same prompts give the same greedy answers, parse statuses and token counts."""
-    pytest.importorskip("phi4rv.serve.app")
     import os
     import socket
     import subprocess

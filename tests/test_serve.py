@@ -134,7 +134,7 @@ def test_stream_equals_non_stream(server):
     assert usage.completion_tokens == full.usage.completion_tokens and finish == full.choices[0].finish_reason
 
 
-def test_modes_and_thinking_budget(server):
+def test_modes_and_thinking_budget(server, tiny_ckpt):
     c = server.client()
     msgs = [{"role": "user", "content": "Solve 2+2"}]
     think = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=40, temperature=0, reasoning_effort="high",
@@ -146,7 +146,13 @@ def test_modes_and_thinking_budget(server):
     assert nothink.choices[0].message.model_extra.get("reasoning_content") is None
     assert nothink.usage.completion_tokens_details.reasoning_tokens == 0
     auto = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0)
-    assert auto.choices[0].message.content is not None
+    from phi4rv.chat_model import ChatModel
+    from phi4rv.generation.sampling import SamplingParams
+
+    cm = ChatModel.load(tiny_ckpt)  # auto: the model's own choice, the same as in process
+    local = cm.chat(msgs, mode="auto", params=cm.params(max_new_tokens=8, sampling=SamplingParams(temperature=0)))
+    msg = auto.choices[0].message
+    assert (msg.content, msg.model_extra.get("reasoning_content")) == (local.answer, local.thinking)
 
 
 def test_local_image_path_and_logprobs(server, images_root):
@@ -255,11 +261,33 @@ def test_api_key_queue_full_disconnect_and_timeout(small_server):
     assert post(small_server, ok, key="sekret").status_code == 200
 
 
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
 def test_metrics(server):
-    server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=2)
+    before = _samples(httpx.get(server.url + "/metrics").text)
+    r = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "m"}], max_tokens=2,
+                                                temperature=0)
     text = httpx.get(server.url + "/metrics").text
-    for name in ("phi4rv_requests_total", "phi4rv_request_errors_total", "phi4rv_queue_depth", "phi4rv_batch_size_bucket",
-                 "phi4rv_time_to_first_token_seconds_bucket", "phi4rv_request_latency_seconds_bucket", "phi4rv_tokens_per_second"):
+    after = _samples(text)
+
+    def grew(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    # one more successful request, its tokens and one more observation in each latency histogram
+    assert sum(grew(k) for k in after if k.startswith("phi4rv_requests_total")) == 1
+    assert grew("phi4rv_generated_tokens_total") == r.usage.completion_tokens
+    assert grew("phi4rv_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("phi4rv_request_latency_seconds_count") == 1 and grew("phi4rv_time_to_first_token_seconds_count") == 1
+    assert grew("phi4rv_request_latency_seconds_sum") > 0
+    assert after["phi4rv_queue_depth"] == 0 and after["phi4rv_running_requests"] == 0
+    for name in ("phi4rv_request_errors_total", "phi4rv_batch_size_bucket", "phi4rv_tokens_per_second"):
         assert name in text
 
 
