@@ -21,12 +21,16 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+MIN_REPEATS = 3  # every comparison alternates its sides over at least this many timed runs
+
+
 def add_common_args(p: argparse.ArgumentParser, repeats: int = 3, warmup: int = 1) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--repeats", type=int, default=repeats, help="timed runs per side (median and best reported)")
+    p.add_argument("--repeats", type=int, default=max(repeats, MIN_REPEATS),
+                   help=f"timed runs per side, alternating the sides (>= {MIN_REPEATS}; median and min reported)")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed warm-up runs per side (reported apart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
@@ -34,6 +38,8 @@ def add_common_args(p: argparse.ArgumentParser, repeats: int = 3, warmup: int = 
 
 
 def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    if args.repeats < MIN_REPEATS:
+        raise SystemExit(f"--repeats must be >= {MIN_REPEATS} (one timing per side says nothing about noise)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -69,6 +75,40 @@ def machine(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+def machine_rates(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> dict[str, float]:
+    """What this machine can do right now, measured beside the figures it explains:
+
+    - `copy_bandwidth_bytes_per_s`: a STREAM-style copy kernel (`dst.copy_(src)`, 1 GiB each side;
+      64 MiB with `tiny`), best of 5, counting bytes read + bytes written — far larger than any
+      cache, and unlike a reduction it is memory-bound on every backend;
+    - `read_bandwidth_bytes_per_s`: the bytes read alone in that copy (half the above);
+    - `matmul_flops_per_s`: a square matmul of `dtype` (2048, 512 with `tiny`), best of 5.
+    """
+    n = (64 if tiny else 1024) * 2**20 // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    best_copy = min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
+    del src, dst
+    m = 512 if tiny else 2048
+    a = torch.rand(m, m, device=device, dtype=dtype)
+    b = torch.rand(m, m, device=device, dtype=dtype)
+    a @ b
+    best_mm = min(timed(lambda: a @ b, device)[0] for _ in range(5))
+    nbytes = n * 4
+    return {"copy_bandwidth_bytes_per_s": 2 * nbytes / best_copy, "read_bandwidth_bytes_per_s": nbytes / best_copy,
+            "matmul_flops_per_s": 2 * m**3 / best_mm, "copy_bytes": nbytes, "matmul_size": m}
+
+
+def print_rates(rates: dict[str, float]) -> None:
+    print(f"machine rates: copy bandwidth {rates['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write; "
+          f"{rates['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read), matmul "
+          f"{rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({rates['matmul_size']}^3)")
+
+
+def stats(xs: list[float]) -> dict[str, float]:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
 
 
 def sync(device: torch.device) -> None:

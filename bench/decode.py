@@ -18,9 +18,11 @@ The two sides run alternately, run by run, so other load on the machine hits bot
 Roofline (batch 1): every decode step reads all weights once, so tokens/s <= bandwidth / bytes
 per token. Bytes per token count `lm_head`, every layer's matrices and norms and the final norm;
 the input embedding is a gather of one row per sequence and is not counted, nor are KV-cache
-reads (listed apart; tiny next to the weights here). Bandwidth is measured in the same run: the
-best of several `sum()` passes over a >= 1 GiB tensor (read-only, as weight reads are), probed
-before and after the timed runs; the higher of the two sets the roofline.
+reads (listed apart; tiny next to the weights here). Bandwidth is measured in the same run with a
+copy kernel (`common.machine_rates`: 1 GiB copied, bytes read + written per second, best of 5,
+STREAM's convention; a `sum()` probe read 27.6 then 39.7 GB/s on one machine, a reduction is not
+a stable bandwidth figure), probed before and after the timed runs; the higher of the two sets
+the roofline. Figures move with the machine: compare them with the bandwidth printed beside.
 
     python bench/decode.py                         # batch 1 and 8, fp32 on CPU
     python bench/decode.py --batch 1 --json out/decode.json
@@ -40,7 +42,9 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, machine, print_machine, print_table, setup, sync, timed, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args, machine, machine_rates, print_machine, print_rates, print_table, setup, sync, timed, write_json,
+)
 
 from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from phi4rv.generation.generate import GenerationParams, Request, generate  # noqa: E402
@@ -87,18 +91,6 @@ def build_models(cfg: DecoderConfig, device, dtype, seed: int) -> tuple[Phi3ForC
 def weight_bytes_per_token(ours: Phi4RV) -> int:
     """Bytes of the decoder weights a decode step reads: lm_head, layers, final norm (not embed_tokens)."""
     return sum(p.numel() * p.element_size() for n, p in ours.decoder.named_parameters() if not n.startswith("embed_tokens"))
-
-
-def measure_bandwidth(device, dtype, gib: float, repeats: int = 5) -> float:
-    """Best read bandwidth in bytes/s: `sum()` over a tensor of `gib` GiB."""
-    x = torch.ones(int(gib * 2**30) // torch.finfo(dtype).bits * 8, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first pass warms the pages and is dropped
-        dt, _ = timed(lambda: x.sum(), device)
-        best = min(best, dt)
-    n = x.numel() * x.element_size()
-    del x
-    return n / best
 
 
 class StepClock(BaseStreamer):
@@ -193,14 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the bandwidth probe")
     p.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: build one in a temp dir)")
     add_common_args(p, repeats=3, warmup=1)
     args = p.parse_args(argv)
     if args.tiny:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 64, 128, 2, 4, 2
         args.batch, args.prompt_len, args.new_tokens = [1, 2], 8, 8
-        args.repeats, args.warmup, args.bandwidth_gib = min(args.repeats, 2), min(args.warmup, 1), 0.25
+        args.warmup = min(args.warmup, 1)
     device, dtype = setup(args)
     cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -218,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     wbytes = weight_bytes_per_token(ours)
     elt = torch.finfo(dtype).bits // 8
     kv_bytes = lambda ctx: 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * ctx * elt  # noqa: E731
-    bw_before = measure_bandwidth(device, dtype, args.bandwidth_gib)
+    rates_before = machine_rates(device, dtype, args.tiny)
     info = machine(device, dtype)
 
     g = torch.Generator().manual_seed(args.seed)
@@ -229,14 +220,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     info["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     # Probed before and after the runs; the higher figure is the roofline (the stricter one).
-    bw_after = measure_bandwidth(device, dtype, args.bandwidth_gib)
+    rates_after = machine_rates(device, dtype, args.tiny)
+    bw_before, bw_after = (r["copy_bandwidth_bytes_per_s"] for r in (rates_before, rates_after))
     bw = max(bw_before, bw_after)
+    rates = max(rates_before, rates_after, key=lambda r: r["copy_bandwidth_bytes_per_s"])
     b1 = next((r for r in results if r["batch"] == 1), None)
     roofline = bw / wbytes  # tokens/s at batch 1 if only the weight reads cost time
     frac = b1["ours"]["decode_tokens_per_s"] / roofline if b1 else None
     frac_hf = b1["transformers"]["decode_tokens_per_s"] / roofline if b1 else None
 
     print_machine(info)
+    print_rates(rates)
     print(f"decoder: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, layers {cfg.num_hidden_layers}, "
           f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv (head dim {cfg.head_dim}), vocab {cfg.vocab_size}; "
           f"{n_params / 1e6:.1f}M parameters")
@@ -259,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{target}; token ids {match}; lengths {r['lengths']}")
     print(f"\nroofline: weights read per token {wbytes / 1e6:.1f} MB (lm_head + layers + norms, {elt}-byte {info['dtype']}; "
           f"embed_tokens excluded; KV cache adds {kv_bytes(args.prompt_len + args.new_tokens) / 1e6:.2f} MB at the last step, "
-          f"not counted); measured read bandwidth {bw / 1e9:.1f} GB/s (best sum() over {args.bandwidth_gib:g} GiB; "
+          f"not counted); memory bandwidth {bw / 1e9:.1f} GB/s (copy kernel, read + write, best of 5 over "
+          f"{rates['copy_bytes'] / 2**20:.0f} MiB; "
           f"{bw_before / 1e9:.1f} before the runs, {bw_after / 1e9:.1f} after) "
           f"-> {roofline:.1f} tokens/s at batch 1")
     if b1:
@@ -278,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         "weight_bytes_per_token": wbytes,
         "bandwidth_bytes_per_s": bw,
         "bandwidth_bytes_per_s_before_after": [bw_before, bw_after],
+        "bandwidth_method": "copy kernel, bytes read + written / time, best of 5; the higher of before/after",
+        "machine_rates": rates,
         "roofline_tokens_per_s": roofline,
         "roofline_fraction": frac,
         "roofline_fraction_transformers": frac_hf,

@@ -7,15 +7,17 @@ Reference: transformers' `Siglip2VisionModel` fed as the release feeds it: every
 `output_hidden_states=True`, features = `hidden_states[-2]`. It uses `attn_implementation="sdpa"`,
 the fastest attention transformers offers on CPU (flash-attention kernels need CUDA).
 
-The so400m widths (1152 / 4304 / 16 heads) with few layers (`--layers`) so it fits a CPU run.
-The reference computes every layer (the release takes `hidden_states[-2]` of the full tower),
-ours stops one layer early; with few layers that skipped layer is a large share of the work, so
-the script also times the reference with its last layer removed ("packing only") and estimates
-the ratio at the release's 27 layers from it. "work ratio" = matmul FLOPs of the reference /
+The so400m widths (1152 / 4304 / 16 heads) with few layers (`--layers`) so it fits a CPU run, or
+`--layers 27` for the real depth. The reference computes every layer (the release takes
+`hidden_states[-2]` of the full tower), ours stops one layer early. At 2 layers that is 1 layer
+against 2, which doubles the ratio and says nothing about the real tower (27 against 26). So the
+headline is the ratio at the release's depth: the per-layer ratio (the reference with its last
+layer removed, "packing only": both sides run the same layers) times 27/26; the ratio at the
+run's own depth is printed too, labelled as such. "work ratio" = matmul FLOPs of the reference /
 ours: the speed-up packing gives at equal kernel efficiency.
 
     python bench/vision_packing.py                 # 2 layers, so400m widths
-    python bench/vision_packing.py --layers 4 --json out/vision.json
+    python bench/vision_packing.py --layers 27 --json out/vision.json   # the real depth (slow on CPU)
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, bench, machine, print_machine, print_table, setup, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_common_args, bench, machine, machine_rates, print_machine, print_rates, print_table, setup, write_json,
+)
 
 from phi4rv.config import VisionConfig  # noqa: E402
 from phi4rv.model import VisionEncoder  # noqa: E402
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.hidden, args.intermediate, args.heads = 64, 128, 4
         args.max_patches, args.min_patches = 256, 16
-        args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
+        args.warmup = min(args.warmup, 1)
     if args.layers < 2:
         p.error("--layers must be >= 2 (features come from the second-to-last layer)")
     device, dtype = setup(args)
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
             hf.encoder.layers = all_layers
         return out.hidden_states[-1]
 
+    rates = machine_rates(device, dtype, args.tiny)
     runs = bench({"ours": run_ours, "hf": run_hf, "hf1": run_hf_packing_only}, device, args.warmup, args.repeats)
     r_ours, r_hf, r_hf1 = runs["ours"], runs["hf"], runs["hf1"]
     info["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratio_best = r_hf["best_s"] / r_ours["best_s"]
 
     print_machine(info)
+    print_rates(rates)
     print(f"vision: hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads {cfg.num_attention_heads}, "
           f"layers {L} (features = output of layer {L - 1}); reference attention: sdpa")
     print_table(["image", "original", "resized", "grid", "patches"],
@@ -177,12 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
                      ", ".join(f"{t:.3g}" for t in r["warmup_s"])])
     print_table(["side", "layers run", "median s", "best s", "GFLOP", "GFLOP/s", "warm-up s"], rows)
     print()
-    print(f"speed-up vs transformers as the release runs it: {ratio:.2f}x  (target >= {TARGET:g}x: "
-          f"{'met' if ratio >= TARGET else 'missed'}; work ratio {flops_hf / flops_ours:.2f}x)")
-    print(f"speed-up from packing alone (same layers):      {ratio1:.2f}x  (work ratio {flops_hf1 / flops_ours:.2f}x)")
-    print(f"estimated at the release's {RELEASE_LAYERS} layers ({RELEASE_LAYERS}/{RELEASE_LAYERS - 1} x packing alone): "
-          f"{est_ratio_27:.2f}x  (work ratio {flops_hf27 / flops_ours27:.2f}x)")
-    print(f"(ratios use medians; on best times: {ratio_best:.2f}x)")
+    real = ratio if L == RELEASE_LAYERS else est_ratio_27
+    print(f"per layer (packing alone, both sides run {L - 1} layer(s)): {ratio1:.2f}x median, "
+          f"{r_hf1['best_s'] / r_ours['best_s']:.2f}x on min times  (work ratio {flops_hf1 / flops_ours:.2f}x)")
+    how = "measured" if L == RELEASE_LAYERS else f"per-layer ratio x {RELEASE_LAYERS}/{RELEASE_LAYERS - 1}"
+    print(f"speed-up at the release's {RELEASE_LAYERS} layers ({RELEASE_LAYERS} vs {RELEASE_LAYERS - 1} layers, {how}): "
+          f"{real:.2f}x  (work ratio {flops_hf27 / flops_ours27:.2f}x; target >= {TARGET:g}x: "
+          f"{'met' if real >= TARGET else 'BELOW TARGET'})")
+    if L != RELEASE_LAYERS:
+        print(f"at this run's {L} layers only ({L} vs {L - 1}; not a real-depth figure): {ratio:.2f}x median, "
+              f"{ratio_best:.2f}x on min times  (work ratio {flops_hf / flops_ours:.2f}x)")
     print(f"max |ours - transformers| over real patches: {diff:.3g}  (truncated reference vs full: {diff1:.3g})")
 
     figures = {
@@ -198,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
             for name, r, fl in [("ours", r_ours, flops_ours), ("transformers", r_hf, flops_hf),
                                 ("transformers_last_layer_removed", r_hf1, flops_hf1)]
         },
-        "ratio": ratio,
+        "ratio": ratio,  # at this run's depth (--layers): 1 layer against 2 at the default
+        "ratio_real_depth": real,  # the headline: at the release's 27 layers
+        "ratio_per_layer": ratio1,
         "ratio_packing_only": ratio1,
         "ratio_best": ratio_best,
         "ratio_estimated_27_layers": est_ratio_27,
@@ -206,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         "work_ratio": flops_hf / flops_ours,
         "work_ratio_packing_only": flops_hf1 / flops_ours,
         "target_ratio": TARGET,
-        "meets_target": ratio >= TARGET,
+        "meets_target": real >= TARGET,
+        "machine_rates": rates,
         "max_abs_diff": diff,
     }
     write_json(args.json, figures)
