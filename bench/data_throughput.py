@@ -64,7 +64,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--difficulty", default=None, choices=list(DIFFICULTIES), help="default: 'default' ('tiny' with --tiny)")
     p.add_argument("--n", type=int, default=None, help="samples per generator per run (default 40; 4 with --tiny)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per generator (default 3; 1 with --tiny)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per generator (default 3)")
     p.add_argument("--curate-per-task", type=int, default=None, help="samples per task in the curation set (default 20)")
     p.add_argument("--tasks", nargs="*", default=None, help="only these generators")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +74,7 @@ def main() -> None:
     args = p.parse_args()
     difficulty = args.difficulty or ("tiny" if args.tiny else "default")
     n = args.n or (4 if args.tiny else 40)
-    repeats = args.repeats or (1 if args.tiny else 3)
+    repeats = args.repeats or 3
     per_task = args.curate_per_task or (2 if args.tiny else 20)
     tasks = args.tasks or list(GENERATORS)
 
