@@ -12,7 +12,8 @@ backends.LocalBackend(dir) | backends.HTTPBackend(url, name))` → `report.write
 `runner.score_output(task, sample, raw_text)` scores one output.
 
 Modules: `tasks/` (one per benchmark: loader, prompt, scorer, version), `extract.py` (reasoning
-split, numbers, letters, boxes), `scoring.py` (the shared rules), `backends.py`, `records.py`
+split, numbers, letters, boxes), `official.py` (the benchmarks' official scoring rules, the
+default), `scoring.py` (the lenient rules, `--rules lenient`), `backends.py`, `records.py`
 (JSONL records and run.json, resume), `runner.py`, `report.py` (tables, average, Pareto),
 `judge.py` (optional MathVista LLM extractor), `cli.py`.
 """
