@@ -60,25 +60,31 @@ def image_uri(size: tuple[int, int], seed: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def bodies(n: int, max_tokens: int) -> list[dict]:
+def bodies(n: int, max_tokens: int, shared_prefix: int = 0) -> list[dict]:
+    """`n` requests cycling through the image sizes; with `shared_prefix`, every request starts with
+    the same system message of about that many words (an application's instructions)."""
     uris = {s: image_uri(s, i) for i, s in enumerate(SIZES) if s}
+    system = " ".join(f"rule{k % 97} applies" for k in range(shared_prefix // 2))
     out = []
     for i in range(n):
         size = SIZES[i % len(SIZES)]
         content = [{"type": "text", "text": f"Request {i}: describe what you see."}]
         if size:
             content.insert(0, {"type": "image_url", "image_url": {"url": uris[size]}})
-        out.append({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+        messages = [{"role": "user", "content": content}]
+        if shared_prefix:
+            messages.insert(0, {"role": "system", "content": system})
+        out.append({"model": "bench", "messages": messages, "max_tokens": max_tokens,
                     "temperature": 0, "reasoning_effort": "none", "stream": True,
                     "stream_options": {"include_usage": True}})
     return out
 
 
-def start(model: str, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start(model: str, max_batch: int, max_queue: int, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "phi4rv", "serve", "--model", model, "--port", str(port), "--served-model-name", "bench",
-         "--max-batch", str(max_batch), "--max-queue", str(max_queue)],
+         "--max-batch", str(max_batch), "--max-queue", str(max_queue), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -197,6 +203,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds per side (>= 3)")
+    p.add_argument("--preset", default="tiny", help="preset of the random model made when --model is not given "
+                   "(tiny: 13M parameters; small: 129M)")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                   help="every request starts with the same system message of about WORDS words; adds a third "
+                        "server without the prefix cache, to show its gain")
     p.add_argument("--tiny", action="store_true", help="a few requests, for a smoke test")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -205,24 +216,29 @@ def main() -> None:
     if args.tiny:
         args.clients, args.requests, args.max_tokens = 4, 12, 4
     n_seq = args.sequential_requests or max(args.clients, args.requests // 4)
-    per_round = {"continuous": max(1, args.requests // args.repeats), "one-at-a-time": max(1, n_seq // args.repeats)}
+    per_round = {"continuous": max(1, args.requests // args.repeats), "one-at-a-time": max(1, n_seq // args.repeats),
+                 "no prefix cache": max(1, args.requests // args.repeats)}
+    sides = [("continuous", args.max_batch, ()), ("one-at-a-time", 1, ())]
+    if args.shared_prefix:
+        sides.append(("no prefix cache", args.max_batch, ("--prefix-cache-mb", "0")))
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            model = str(Path(tmp) / "tiny")
-            subprocess.run([sys.executable, "-m", "phi4rv", "init", "--preset", "tiny", "--out", model], check=True,
+            model = str(Path(tmp) / args.preset)
+            subprocess.run([sys.executable, "-m", "phi4rv", "init", "--preset", args.preset, "--out", model], check=True,
                            stdout=subprocess.DEVNULL)
         servers = {}
         try:
-            for name, max_batch in (("continuous", args.max_batch), ("one-at-a-time", 1)):
-                servers[name] = start(model, max_batch, max_queue=max(args.clients * 2, 64))
-            for name, (_, url) in servers.items():
-                run(url, bodies(min(args.clients, 4), args.max_tokens), args.clients)  # warm-up, not reported
+            for name, max_batch, extra in sides:
+                servers[name] = start(model, max_batch, max(args.clients * 2, 64), *extra)
+            for name, (_, url) in servers.items():  # warm-up, not reported
+                run(url, bodies(min(args.clients, 4), args.max_tokens, args.shared_prefix), args.clients)
             rounds: dict[str, list[dict]] = {name: [] for name in servers}
             for rep in range(args.repeats):
                 for name in (list(servers) if rep % 2 == 0 else list(servers)[::-1]):
-                    rounds[name].append(run(servers[name][1], bodies(per_round[name], args.max_tokens), args.clients))
+                    work = bodies(per_round[name], args.max_tokens, args.shared_prefix)
+                    rounds[name].append(run(servers[name][1], work, args.clients))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -237,14 +253,19 @@ def main() -> None:
     rates = machine_rates(torch.device("cpu"), torch.float32, args.tiny)
     print(f"machine: {machine()}, 1-minute load average {os.getloadavg()[0]:.2f}")
     print_rates(rates)
-    print(f"model: {args.model or 'tiny random (phi4rv init --preset tiny)'}; {args.clients} clients; "
-          f"max_tokens {args.max_tokens}; image mix {[s for s in SIZES]}")
+    print(f"model: {args.model or f'{args.preset} random (phi4rv init --preset {args.preset})'}; {args.clients} clients; "
+          f"max_tokens {args.max_tokens}; image mix {[s for s in SIZES]}; shared system prompt {args.shared_prefix} words")
     keys = ["requests", "completed", "failed", "lost", "wall_s", "requests_per_s", "tokens_per_s", "ttft_p50_s",
             "ttft_p99_s", "latency_p50_s", "latency_p99_s"]
-    print(f"{'':<16}" + "".join(f"{k:>15}" for k in ("continuous", "one-at-a-time")))
+    print(f"{'':<16}" + "".join(f"{k:>16}" for k in figures))
     for k in keys:
-        print(f"{k:<16}" + "".join(f"{figures[n][k]:>15.3f}" if isinstance(figures[n][k], float) else f"{figures[n][k]:>15}"
-                                   for n in ("continuous", "one-at-a-time")))
+        print(f"{k:<16}" + "".join(f"{figures[n][k]:>16.3f}" if isinstance(figures[n][k], float) else f"{figures[n][k]:>16}"
+                                   for n in figures))
+    if "no prefix cache" in figures:
+        off = figures["no prefix cache"]
+        gain = cont["requests_per_s"] / off["requests_per_s"] if off["requests_per_s"] else float("nan")
+        print(f"prefix cache gain (continuous / continuous without it): {gain:.2f}x requests/s; "
+              f"ttft p50 {cont['ttft_p50_s']:.3f} s vs {off['ttft_p50_s']:.3f} s")
     print(f"{args.repeats} alternating rounds per side; requests/s and tokens/s are the median round, percentiles over "
           f"every request of every round")
     print(f"throughput ratio (continuous / one-at-a-time): {ratio:.2f}x median, {ratio_best:.2f}x best rounds  "

@@ -238,9 +238,32 @@ def _tiny() -> Phi4RVConfig:
     )
 
 
+def _small() -> Phi4RVConfig:
+    """~127M parameters (most in the 100352-token embeddings): a realistic size for serving benchmarks."""
+    vision = VisionConfig(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4)
+    decoder = DecoderConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
+    return Phi4RVConfig(
+        vision=vision,
+        projector=ProjectorConfig(input_size=192, output_size=512),
+        decoder=decoder,
+        vision_tower="phi4rv/siglip2-small-patch16-naflex",
+        min_num_patches=16,
+        max_num_patches=1024,
+        max_length=4096,
+    )
+
+
 PRESETS = {
     "phi4rv-15b": Phi4RVConfig,  # the release's shapes (reference/config.json)
     "tiny": _tiny,
+    "small": _small,
 }
 
 
