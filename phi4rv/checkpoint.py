@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from phi4rv.config import Phi4RVConfig
 from phi4rv.model import Phi4RV
+from phi4rv.model.quant import check_mode, quantize_modules, quantized_name
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # (ours, release) prefix pairs; the first match wins in either direction.
@@ -63,9 +65,21 @@ def weight_files(path: Path) -> list[Path]:
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{path}: index lists missing weight files: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint, index lists missing weight files ({len(missing)} of {len(files)}): "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
         return files
     files = sorted(path.glob("*.safetensors"))
+    counts = {int(m.group(1)) for f in files if (m := re.fullmatch(r"model-\d+-of-(\d+)\.safetensors", f.name))}
+    for n in counts:  # shards named model-0000i-of-0000n with no index: all n must be there
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        missing = [f for f in names if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint, missing weight files ({len(missing)} of {n}): "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
     if files:
         return files
     pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLED]
@@ -77,10 +91,128 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no *.safetensors weights")
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+# What loading may hold beyond the loaded weights and one tensor as stored: quantization works on
+# 2048 rows at a time (fp32 + int32 copies: 2048 * 17920 * 8 bytes = 294 MB at the 15B's widths).
+LOAD_ALLOWANCE_BYTES = 320 * 2**20
+
+
+@dataclass
+class StoredTensor:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds, from its JSON header (8-byte length, then JSON)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            b, e = (8 + n + int(o) for o in info["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if e - b != numel * dtype.itemsize or e > size:
+                raise ValueError(f"{key}: data runs past the end of the file or does not match its shape")
+            out[key] = StoredTensor(file, dtype, shape, b, e)
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_tensor(st: StoredTensor, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one stored tensor with positioned reads into `out` (or a new tensor): no mmap, no copy.
+
+    A memory map of a 5 GB shard keeps every page it touched in this process's RSS until the
+    whole file is unmapped; reading each tensor into its destination keeps the process at the
+    weights it holds (the page cache does the caching).
+    """
+    if out is None:
+        out = torch.empty(st.shape, dtype=st.dtype)
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    done, total = 0, st.end - st.start
+    while done < total:
+        n = os.preadv(fd, [buf[done:]], st.start + done)
+        if n <= 0:
+            raise CheckpointError(f"{st.file.name}: truncated while reading a tensor")
+        done += n
+    return out
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+    old = module._parameters[leaf]
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def model_bytes(model: nn.Module, dtype: torch.dtype | None, stored: dict[str, torch.dtype]) -> int:
+    """Bytes the (meta) model will take once loaded: its buffers and parameters in their final dtypes."""
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for name, p in model.named_parameters():
+        dt = dtype if dtype is not None and p.is_floating_point() else stored.get(name, p.dtype)
+        total += p.numel() * dt.itemsize
+    return total
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on `device` (MemAvailable on CPU), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def estimate_load_bytes(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None) -> int:
+    """What `load_model` will hold for this config in `dtype`, optionally quantized (meta device)."""
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    if quantize:
+        quantize_modules(model, quantize, dtype)
+    return model_bytes(model, dtype, {})
+
+
+def _check_memory(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, device: torch.device, need: int) -> None:
+    free = available_memory(device)
+    if free is None or need + LOAD_ALLOWANCE_BYTES <= free:
+        return
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    options = []
+    for q in ("int8", "int4"):
+        if q != quantize:
+            fits = estimate_load_bytes(cfg, dtype, q) + LOAD_ALLOWANCE_BYTES
+            if fits <= free:
+                options.append(f"--quantize {q} (~{gb(fits)})")
+    hint = "; " + " or ".join(options) + " would fit" if options else "; nothing fits: free memory or use a larger machine"
+    what = f"{str(dtype).removeprefix('torch.')}{' + ' + quantize if quantize else ''}"
+    raise CheckpointError(
+        f"not enough memory on {device}: the model as {what} needs ~{gb(need + LOAD_ALLOWANCE_BYTES)}, "
+        f"{gb(free)} available{hint}"
+    )
 
 
 def load_model(
@@ -88,47 +220,82 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     config: Phi4RVConfig | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+    check_memory: bool = True,
 ) -> Phi4RV:
-    """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype."""
+    """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype.
+
+    The model is built on the meta device and each tensor is read from its shard straight into
+    its final dtype and device: a tensor stored in the target dtype on CPU is read into its
+    parameter with no copy, others pass through one temporary of their stored size. With
+    `quantize` ("int8" | "int4", see `phi4rv.model.quant`) each linear weight is quantized as it
+    is read, so the full-precision model never exists. Peak memory: the loaded weights + the
+    largest stored tensor + LOAD_ALLOWANCE_BYTES. The need is estimated before anything is read
+    and refused with a one-line error when the device has less free memory.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder not found: {path}")
+    quantize = check_mode(quantize)
     if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    device = torch.device(device)
     cfg = config or Phi4RVConfig.load(path)
-    files = weight_files(path)
+    stored: dict[str, StoredTensor] = {}
+    for file in weight_files(path):
+        stored.update(read_header(file))
     with torch.device("meta"):
         model = Phi4RV(cfg)
     expected = dict(model.named_parameters())
-    loaded, unexpected = set(), []
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        with handle:
-            for key in handle.keys():
-                name = from_release_name(key)
-                if name is None:
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                want = tuple(expected[name].shape)
-                got = tuple(handle.get_slice(key).get_shape())
-                if got != want:
-                    raise CheckpointError(f"{file.name}: {key} has shape {list(got)}, config expects {list(want)}")
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{file.name}: cannot read {key} ({e})") from None
-                _assign(model, name, tensor.to(dtype) if dtype is not None else tensor)
-                loaded.add(name)
+    names, unexpected = {}, []
+    for key, st in stored.items():
+        name = from_release_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        want = tuple(expected[name].shape)
+        if st.shape != want:
+            raise CheckpointError(f"{st.file.name}: {key} has shape {list(st.shape)}, config expects {list(want)}")
+        names[name] = key
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    missing = [to_release_name(n) for n in expected if n not in loaded]
+    missing = [to_release_name(n) for n in expected if n not in names]
     if missing:
         raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if quantize:
+        compute = dtype or stored[names["decoder.embed_tokens.weight"]].dtype
+        if not compute.is_floating_point:
+            raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
+        dtype = compute
+        quantize_modules(model, quantize, compute, vision=quantize_vision)
+    if check_memory:
+        need = model_bytes(model, dtype, {n: stored[k].dtype for n, k in names.items()})
+        _check_memory(cfg, dtype or stored[names["decoder.embed_tokens.weight"]].dtype, quantize, device, need)
+    by_file: dict[Path, list[str]] = {}
+    for name, key in names.items():
+        by_file.setdefault(stored[key].file, []).append(name)
+    for file, file_names in by_file.items():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for name in sorted(file_names, key=lambda n: stored[names[n]].start):
+                st = stored[names[name]]
+                target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
+                owner = quantized_name(model, name)
+                if owner is not None and owner[1] == "weight":
+                    owner[0].set_weight(read_tensor(st, fd), device)
+                elif owner is not None:  # a quantized layer's bias
+                    owner[0].bias = nn.Parameter(read_tensor(st, fd).to(device=device, dtype=target), requires_grad=False)
+                elif target == st.dtype and device.type == "cpu":
+                    _set_param(model, name, read_tensor(st, fd))
+                else:
+                    _set_param(model, name, read_tensor(st, fd).to(device=device, dtype=target))
+        finally:
+            os.close(fd)
     return model.eval()
 
 
