@@ -22,6 +22,7 @@ from torch import nn
 
 from phi4rv.config import Phi4RVConfig
 from phi4rv.model import Phi4RV
+from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.quant import check_mode, quantize_modules, quantized_name
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
@@ -363,6 +364,83 @@ def write_metadata(
         tokenizer.save(path)
 
 
+def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in order: a new shard when the next tensor would overflow this one (as `save_weights`)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """The values `Phi4RV.init_weights` gives this parameter, drawn into `t` in place."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
+        return t.normal_(0.0, std, generator=gen)
+    if isinstance(module, nn.Linear) and leaf == "bias" or isinstance(module, nn.LayerNorm) and leaf == "bias":
+        return t.zero_()
+    if isinstance(module, (nn.LayerNorm, RMSNorm)) and leaf == "weight":
+        return t.fill_(1.0)
+    raise TypeError(f"no random init rule for {type(module).__name__}.{leaf}")
+
+
+def write_random_weights(
+    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Random weights for a (meta-device) model, written tensor by tensor in `save_weights`' layout.
+
+    Each tensor is drawn, written and freed before the next: peak memory is the largest tensor
+    (the 15B's embedding, 1 GB in bf16), never the model. The files are safetensors written
+    directly (8-byte header length, JSON header, raw little-endian data) so no shard is held
+    whole either.
+    """
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    params = {to_release_name(n): (n, p.shape) for n, p in model.named_parameters()}
+    sizes = [(key, shape.numel() * dtype.itemsize) for key, (_, shape) in params.items()]
+    plan = _shard_plan(sizes, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(plan, 1):
+        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key in keys:
+            shape = params[key][1]
+            nbytes = shape.numel() * dtype.itemsize
+            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[key] = fname
+        total += offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)
+        with open(path / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for key in keys:
+                name, shape = params[key]
+                module_name, _, leaf = name.rpartition(".")
+                t = torch.empty(shape, dtype=dtype)
+                _random_fill(model.get_submodule(module_name), leaf, t, std, gen)
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                del t
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def init_checkpoint(
+    cfg: Phi4RVConfig, out: str | Path, dtype: torch.dtype, seed: int = 0, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """A random-weight checkpoint of any size in the release layout, in bounded memory."""
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    write = lambda tmp: write_random_weights(model, tmp, dtype, seed, max_shard_bytes=max_shard_bytes)  # noqa: E731
+    return save_checkpoint(model, out, tokenizer=tokenizer, dtype=dtype, write_weights=write)
+
+
 def save_checkpoint(
     model: Phi4RV,
     out: str | Path,
@@ -370,8 +448,13 @@ def save_checkpoint(
     generation_config: dict | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    write_weights=None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically: a crash mid-save leaves any previous one intact."""
+    """Write a complete checkpoint folder atomically: a crash mid-save leaves any previous one intact.
+
+    `write_weights(folder)`, if given, writes the weights instead of `save_weights` (used by
+    `init_checkpoint` to stream random weights for a meta-device model).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -381,7 +464,10 @@ def save_checkpoint(
     try:
         weights_dtype = dtype or next(t.dtype for t in model.state_dict().values() if t.is_floating_point())
         write_metadata(model.cfg, tmp, tokenizer, generation_config, weights_dtype)
-        save_weights(model, tmp, max_shard_bytes, dtype)
+        if write_weights is not None:
+            write_weights(tmp)
+        else:
+            save_weights(model, tmp, max_shard_bytes, dtype)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
