@@ -15,8 +15,8 @@ What is quantized (`quantize_modules`):
 - the vision tower and projector stay in the compute dtype unless `vision=True` (they run once
   per image, compute-bound, and are 3 % of the weights).
 
-A layer whose input width is not a multiple of 32 (SigLIP's fc2, 4304) cannot use the int4
-kernel's groups and is quantized to int8 instead.
+A layer whose input width is not a multiple of 32 (SigLIP's fc2, 4304) or whose output width is not
+a multiple of 16 cannot use the int4 kernel and is quantized to int8 instead.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ QuantLinear = (Int8Linear, Int4Linear)
 def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
     """An empty quantized twin of `linear` (filled later by `set_weight`)."""
     n, k = linear.out_features, linear.in_features
-    group = int4_group_size(k) if mode == "int4" else None
+    group = int4_group_size(k) if mode == "int4" and n % 16 == 0 else None  # the int4 kernel packs 16 rows together
     if group is None:
         return Int8Linear(k, n, linear.bias is not None, dtype)
     return Int4Linear(k, n, linear.bias is not None, dtype, group)
