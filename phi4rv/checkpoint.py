@@ -98,9 +98,10 @@ ST_DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-# What loading may hold beyond the loaded weights and one tensor as stored: quantization works on
-# 2048 rows at a time (fp32 + int32 copies: 2048 * 17920 * 8 bytes = 294 MB at the 15B's widths).
-LOAD_ALLOWANCE_BYTES = 320 * 2**20
+# What loading may hold beyond the loaded weights and one tensor as stored: quantization reads and
+# works on 1024 rows at a time (stored, fp32 and int32 temporaries: ~1024 * 17920 * 20 bytes = 367 MB
+# at the 15B's widths, for down_proj).
+LOAD_ALLOWANCE_BYTES = 400 * 2**20
 
 
 @dataclass
@@ -156,6 +157,21 @@ def read_tensor(st: StoredTensor, fd: int, out: torch.Tensor | None = None) -> t
             raise CheckpointError(f"{st.file.name}: truncated while reading a tensor")
         done += n
     return out
+
+
+class StoredRows:
+    """A stored 2-D tensor read a block of rows at a time (`rows[a:b]`): quantization never holds
+    the full-precision matrix, only the block it is working on."""
+
+    def __init__(self, st: StoredTensor, fd: int):
+        self.st, self.fd, self.shape = st, fd, torch.Size(st.shape)
+        self.row_bytes = (st.end - st.start) // max(st.shape[0], 1)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b, _ = rows.indices(self.shape[0])
+        part = StoredTensor(self.st.file, self.st.dtype, (b - a, *self.shape[1:]),
+                            self.st.start + a * self.row_bytes, self.st.start + b * self.row_bytes)
+        return read_tensor(part, self.fd)
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -230,9 +246,10 @@ def load_model(
     The model is built on the meta device and each tensor is read from its shard straight into
     its final dtype and device: a tensor stored in the target dtype on CPU is read into its
     parameter with no copy, others pass through one temporary of their stored size. With
-    `quantize` ("int8" | "int4", see `phi4rv.model.quant`) each linear weight is quantized as it
-    is read, so the full-precision model never exists. Peak memory: the loaded weights + the
-    largest stored tensor + LOAD_ALLOWANCE_BYTES. The need is estimated before anything is read
+    `quantize` ("int8" | "int4", see `phi4rv.model.quant`) each linear weight is read and
+    quantized 1024 rows at a time, so the full-precision model, or even one full-precision
+    matrix, never exists. Peak memory: the loaded weights + LOAD_ALLOWANCE_BYTES, plus the largest
+    stored tensor when a dtype conversion is asked for. The need is estimated before anything is read
     and refused with a one-line error when the device has less free memory.
     """
     path = Path(path)
@@ -288,7 +305,7 @@ def load_model(
                 target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
                 owner = quantized_name(model, name)
                 if owner is not None and owner[1] == "weight":
-                    owner[0].set_weight(read_tensor(st, fd), device)
+                    owner[0].set_weight(StoredRows(st, fd), device)
                 elif owner is not None:  # a quantized layer's bias
                     owner[0].bias = nn.Parameter(read_tensor(st, fd).to(device=device, dtype=target), requires_grad=False)
                 elif target == st.dtype and device.type == "cpu":

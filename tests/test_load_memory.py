@@ -95,7 +95,8 @@ def test_quantized_load_stays_within_the_stated_bound(mid_ckpt):
     total, largest = stored(mid_ckpt)
     r = child(op="load", path=str(mid_ckpt), dtype=None, quantize="int4")
     assert r["weights"] < 0.75 * total  # lm_head int8, embeddings bf16, the blocks int4
-    assert r["growth"] <= r["weights"] + largest + LOAD_ALLOWANCE_BYTES, (r["growth"] - r["weights"]) / MB
+    # each matrix is read and quantized 1024 rows at a time: no full-precision matrix is ever held
+    assert r["growth"] <= r["weights"] + LOAD_ALLOWANCE_BYTES, (r["growth"] - r["weights"]) / MB
 
 
 def test_init_writes_a_checkpoint_larger_than_its_memory_budget(tmp_path):

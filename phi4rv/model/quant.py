@@ -27,7 +27,7 @@ from torch import nn
 
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 128
-_ROWS_PER_CHUNK = 2048  # quantize this many output rows at a time: bounded fp32 temporaries
+_ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
 
 
 def check_mode(mode: str | None) -> str | None:
