@@ -120,11 +120,15 @@ def phase_run(args) -> dict:
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     per_token = decode_bytes(model)
     bw = bandwidth()
-    cm.image_cfg.max_num_patches = 256  # the minimum patch budget: the photo becomes a 16x16 grid
+    from PIL import Image
+
+    photo = Image.open(IMAGE).convert("RGB")
+    side = min(photo.size)
+    square = photo.crop((0, 0, side, side)).resize((256, 256))  # 16x16 patches: the minimum budget, 256
     params = cm.params(max_new_tokens=args.new_tokens, sampling=SamplingParams(temperature=0), stop_ids=())
     prompts = {
         "text": ([{"role": "user", "content": "Explain in three sentences why the sky is blue."}], []),
-        "image": ([{"role": "user", "content": "<image>\nWhat is in this picture?"}], [str(IMAGE)]),
+        "image": ([{"role": "user", "content": "<image>\nWhat is in this picture?"}], [square]),
     }
     out = {}
     for name, (messages, images) in prompts.items():
