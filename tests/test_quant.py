@@ -97,6 +97,12 @@ def test_quantized_load_swaps_the_decoder_linears(trained_ckpt):
     assert isinstance(model.vision.encoder.layers[0].mlp.fc1, torch.nn.Linear)  # vision untouched by default
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert load_model(trained_ckpt, quantize="int8", dtype="bfloat16")(torch.tensor([[1, 2, 3]])).isfinite().all()
+    # the vision tower too, on request: an image prompt still runs
+    model = load_model(trained_ckpt, quantize="int8", quantize_vision=True)
+    assert isinstance(model.vision.encoder.layers[0].mlp.fc1, Int8Linear)
+    assert isinstance(model.projector[0], Int8Linear)
+    ids = torch.tensor([[1] + [-200] * 6 + [2]])
+    assert model(ids, torch.randn(6, 768), [(2, 3)]).isfinite().all()
 
 
 def test_int8_greedy_equals_fp32_and_int4_drift_is_bounded(trained_ckpt):

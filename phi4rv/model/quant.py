@@ -176,7 +176,8 @@ def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bo
 def _wanted(name: str, vision: bool) -> bool:
     if name.startswith("decoder."):
         return True  # the blocks' linears and lm_head (embed_tokens is an Embedding)
-    return vision and name.startswith(("vision.", "projector."))
+    # the patch embedding stays: its width is the input's (768), and the encoder reads its dtype
+    return vision and name.startswith(("vision.", "projector.")) and not name.endswith("patch_embedding")
 
 
 def quantized_name(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
