@@ -51,6 +51,10 @@ def mem_available() -> int:
     return next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
 
 
+def progress(line: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -116,6 +120,7 @@ def phase_run(args) -> dict:
                         dtype="bfloat16")
     load_s = time.perf_counter() - t0
     load_peak = status("VmHWM")
+    progress(f"{args.mode}: loaded in {load_s:.0f} s, peak RSS {load_peak / GB:.2f} GB")
     model = cm.model
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     per_token = decode_bytes(model)
@@ -148,6 +153,7 @@ def phase_run(args) -> dict:
                 "new_tokens": n,
                 "kv_bytes": kv_bytes,
             })
+            progress(f"{args.mode} {name}: TTFT {runs[-1]['ttft_s']:.1f} s, decode {runs[-1]['decode_tok_s']:.3f} tok/s")
         out[name] = runs
     bw = max(bw, bandwidth())
     return {"load_s": load_s, "load_peak_rss": load_peak, "resident_bytes": resident, "decode_bytes": per_token,
@@ -166,9 +172,9 @@ def child(args, phase: str, mode: str | None = None) -> dict:
         cmd += ["--mode", mode]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's progress lines pass through on stderr
     if out.returncode:
-        raise SystemExit(f"{phase} {mode or ''} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"{phase} {mode or ''} failed (status {out.returncode})")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
