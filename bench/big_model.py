@@ -10,7 +10,7 @@ Phases, each in its own child process so that its peak RSS (VmHWM, from the kern
    text prompt and an image prompt at the minimum patch budget (256 patches), greedy, exactly
    `--new-tokens` tokens (stop tokens ignored): time to first token (preprocess + vision + prefill)
    and decode tokens/s (first token excluded), `--repeats` runs each, median and best;
-   decode as a fraction of the memory-bandwidth roofline: bandwidth (a 1 GiB read probe in the
+   decode as a fraction of the memory-bandwidth roofline: bandwidth (a 0.5 GiB read probe in the
    same process, before and after, the higher) / bytes read per decode step (every decoder weight
    but the embedding table, as stored after quantization, plus the KV cache so far).
 A load phase runs only when MemAvailable leaves room for its peak (`--min-free-gb`, per mode);
@@ -93,7 +93,7 @@ def phase_write(args) -> dict:
             "shards": len(list(Path(args.dir).glob("model-*.safetensors")))}
 
 
-def bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def bandwidth(gib: float = 0.5, repeats: int = 5) -> float:
     x = torch.ones(int(gib * 2**30) // 2, dtype=torch.bfloat16)
     best = float("inf")
     for _ in range(repeats + 1):
@@ -131,10 +131,10 @@ def phase_run(args) -> dict:
     side = min(photo.size)
     square = photo.crop((0, 0, side, side)).resize((256, 256))  # 16x16 patches: the minimum budget, 256
     params = cm.params(max_new_tokens=args.new_tokens, sampling=SamplingParams(temperature=0), stop_ids=())
-    prompts = {
+    prompts = {k: v for k, v in {
         "text": ([{"role": "user", "content": "Explain in three sentences why the sky is blue."}], []),
         "image": ([{"role": "user", "content": "<image>\nWhat is in this picture?"}], [square]),
-    }
+    }.items() if k in args.prompts.split(",")}
     out = {}
     for name, (messages, images) in prompts.items():
         runs = []
@@ -165,7 +165,7 @@ def phase_run(args) -> dict:
 
 def child(args, phase: str, mode: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--phase", phase, "--dir", str(args.dir), "--new-tokens", str(args.new_tokens),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--prompts", args.prompts]
     if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     if mode:
@@ -192,6 +192,7 @@ def main() -> None:
     p.add_argument("--quantize", default="int4,int8", help="modes to load, in order: int8, int4, none (bf16)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompts", default="text,image", help="which prompts to run, in order")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     p.add_argument("--skip-write", action="store_true", help="reuse the checkpoint already in --dir")
@@ -229,6 +230,7 @@ def main() -> None:
                 print(f"{mode}: skipped, {free:.1f} GB available < {need:.0f} GB; run later: {command_line(args, mode)}",
                       flush=True)
                 continue
+            print(f"{mode}: {free:.1f} GB available, loading", flush=True)
             r = child(args, "run", mode)
             results["runs"][mode] = r
             report(mode, r)
