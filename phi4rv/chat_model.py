@@ -122,11 +122,13 @@ class ChatModel:
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
         max_num_patches: int | None = None,
+        quantize: str | None = None,
     ) -> ChatModel:
-        """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum)."""
+        """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum).
+        `quantize`: None, "int8" or "int4" (weight-only, at load time; see `phi4rv.model.quant`)."""
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, quantize=quantize)
         tokenizer = Tokenizer.from_dir(path)
         pre = path / "preprocessor_config.json"
         image_cfg = ImageProcessorConfig.from_dict(json.loads(pre.read_text())) if pre.is_file() else ImageProcessorConfig()

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from phi4rv.config import Phi4RVConfig
 from phi4rv.model import Phi4RV
+from phi4rv.model.decoder import RMSNorm
+from phi4rv.model.quant import check_mode, quantize_modules, quantized_name
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # (ours, release) prefix pairs; the first match wins in either direction.
@@ -63,9 +66,21 @@ def weight_files(path: Path) -> list[Path]:
         files = [path / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{path}: index lists missing weight files: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint, index lists missing weight files ({len(missing)} of {len(files)}): "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
         return files
     files = sorted(path.glob("*.safetensors"))
+    counts = {int(m.group(1)) for f in files if (m := re.fullmatch(r"model-\d+-of-(\d+)\.safetensors", f.name))}
+    for n in counts:  # shards named model-0000i-of-0000n with no index: all n must be there
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        missing = [f for f in names if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: incomplete checkpoint, missing weight files ({len(missing)} of {n}): "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
     if files:
         return files
     pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLED]
@@ -77,10 +92,144 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no *.safetensors weights")
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+# What loading may hold beyond the loaded weights and one tensor as stored: quantization reads and
+# works on 1024 rows at a time (stored, fp32 and int32 temporaries: ~1024 * 17920 * 20 bytes = 367 MB
+# at the 15B's widths, for down_proj).
+LOAD_ALLOWANCE_BYTES = 400 * 2**20
+
+
+@dataclass
+class StoredTensor:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_header(file: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds, from its JSON header (8-byte length, then JSON)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        out = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            b, e = (8 + n + int(o) for o in info["data_offsets"])
+            numel = 1
+            for d in shape:
+                numel *= d
+            if e - b != numel * dtype.itemsize or e > size:
+                raise ValueError(f"{key}: data runs past the end of the file or does not match its shape")
+            out[key] = StoredTensor(file, dtype, shape, b, e)
+        return out
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def read_tensor(st: StoredTensor, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one stored tensor with positioned reads into `out` (or a new tensor): no mmap, no copy.
+
+    A memory map of a 5 GB shard keeps every page it touched in this process's RSS until the
+    whole file is unmapped; reading each tensor into its destination keeps the process at the
+    weights it holds (the page cache does the caching).
+    """
+    if out is None:
+        out = torch.empty(st.shape, dtype=st.dtype)
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    done, total = 0, st.end - st.start
+    while done < total:
+        n = os.preadv(fd, [buf[done:]], st.start + done)
+        if n <= 0:
+            raise CheckpointError(f"{st.file.name}: truncated while reading a tensor")
+        done += n
+    return out
+
+
+class StoredRows:
+    """A stored 2-D tensor read a block of rows at a time (`rows[a:b]`): quantization never holds
+    the full-precision matrix, only the block it is working on."""
+
+    def __init__(self, st: StoredTensor, fd: int):
+        self.st, self.fd, self.shape = st, fd, torch.Size(st.shape)
+        self.row_bytes = (st.end - st.start) // max(st.shape[0], 1)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        a, b, _ = rows.indices(self.shape[0])
+        part = StoredTensor(self.st.file, self.st.dtype, (b - a, *self.shape[1:]),
+                            self.st.start + a * self.row_bytes, self.st.start + b * self.row_bytes)
+        return read_tensor(part, self.fd)
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
+    old = module._parameters[leaf]
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def model_bytes(model: nn.Module, dtype: torch.dtype | None, stored: dict[str, torch.dtype]) -> int:
+    """Bytes the (meta) model will take once loaded: its buffers and parameters in their final dtypes."""
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for name, p in model.named_parameters():
+        dt = dtype if dtype is not None and p.is_floating_point() else stored.get(name, p.dtype)
+        total += p.numel() * dt.itemsize
+    return total
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new allocations on `device` (MemAvailable on CPU), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def estimate_load_bytes(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None) -> int:
+    """What `load_model` will hold for this config in `dtype`, optionally quantized (meta device)."""
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    if quantize:
+        quantize_modules(model, quantize, dtype)
+    return model_bytes(model, dtype, {})
+
+
+def _check_memory(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, device: torch.device, need: int) -> None:
+    free = available_memory(device)
+    if free is None or need + LOAD_ALLOWANCE_BYTES <= free:
+        return
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    options = []
+    for q in ("int8", "int4"):
+        if q != quantize:
+            fits = estimate_load_bytes(cfg, dtype, q) + LOAD_ALLOWANCE_BYTES
+            if fits <= free:
+                options.append(f"--quantize {q} (~{gb(fits)})")
+    hint = "; " + " or ".join(options) + " would fit" if options else "; nothing fits: free memory or use a larger machine"
+    what = f"{str(dtype).removeprefix('torch.')}{' + ' + quantize if quantize else ''}"
+    raise CheckpointError(
+        f"not enough memory on {device}: the model as {what} needs ~{gb(need + LOAD_ALLOWANCE_BYTES)}, "
+        f"{gb(free)} available{hint}"
+    )
 
 
 def load_model(
@@ -88,47 +237,83 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     config: Phi4RVConfig | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+    check_memory: bool = True,
 ) -> Phi4RV:
-    """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype."""
+    """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype.
+
+    The model is built on the meta device and each tensor is read from its shard straight into
+    its final dtype and device: a tensor stored in the target dtype on CPU is read into its
+    parameter with no copy, others pass through one temporary of their stored size. With
+    `quantize` ("int8" | "int4", see `phi4rv.model.quant`) each linear weight is read and
+    quantized 1024 rows at a time, so the full-precision model, or even one full-precision
+    matrix, never exists. Peak memory: the loaded weights + LOAD_ALLOWANCE_BYTES, plus the largest
+    stored tensor when a dtype conversion is asked for. The need is estimated before anything is read
+    and refused with a one-line error when the device has less free memory.
+    """
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model folder not found: {path}")
+    quantize = check_mode(quantize)
     if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    device = torch.device(device)
     cfg = config or Phi4RVConfig.load(path)
-    files = weight_files(path)
+    stored: dict[str, StoredTensor] = {}
+    for file in weight_files(path):
+        stored.update(read_header(file))
     with torch.device("meta"):
         model = Phi4RV(cfg)
     expected = dict(model.named_parameters())
-    loaded, unexpected = set(), []
-    for file in files:
-        try:
-            handle = safe_open(str(file), framework="pt", device=str(device))
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        with handle:
-            for key in handle.keys():
-                name = from_release_name(key)
-                if name is None:
-                    continue
-                if name not in expected:
-                    unexpected.append(key)
-                    continue
-                want = tuple(expected[name].shape)
-                got = tuple(handle.get_slice(key).get_shape())
-                if got != want:
-                    raise CheckpointError(f"{file.name}: {key} has shape {list(got)}, config expects {list(want)}")
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:
-                    raise CheckpointError(f"{file.name}: cannot read {key} ({e})") from None
-                _assign(model, name, tensor.to(dtype) if dtype is not None else tensor)
-                loaded.add(name)
+    names, unexpected = {}, []
+    for key, st in stored.items():
+        name = from_release_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        want = tuple(expected[name].shape)
+        if st.shape != want:
+            raise CheckpointError(f"{st.file.name}: {key} has shape {list(st.shape)}, config expects {list(want)}")
+        names[name] = key
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    missing = [to_release_name(n) for n in expected if n not in loaded]
+    missing = [to_release_name(n) for n in expected if n not in names]
     if missing:
         raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if quantize:
+        compute = dtype or stored[names["decoder.embed_tokens.weight"]].dtype
+        if not compute.is_floating_point:
+            raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
+        dtype = compute
+        quantize_modules(model, quantize, compute, vision=quantize_vision)
+    if check_memory:
+        need = model_bytes(model, dtype, {n: stored[k].dtype for n, k in names.items()})
+        _check_memory(cfg, dtype or stored[names["decoder.embed_tokens.weight"]].dtype, quantize, device, need)
+    by_file: dict[Path, list[str]] = {}
+    for name, key in names.items():
+        by_file.setdefault(stored[key].file, []).append(name)
+    for file, file_names in by_file.items():
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            for name in sorted(file_names, key=lambda n: stored[names[n]].start):
+                st = stored[names[name]]
+                target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
+                owner = quantized_name(model, name)
+                if owner is not None and owner[1] == "weight":
+                    owner[0].set_weight(StoredRows(st, fd), device)
+                elif owner is not None:  # a quantized layer's bias
+                    owner[0].bias = nn.Parameter(read_tensor(st, fd).to(device=device, dtype=target), requires_grad=False)
+                elif target == st.dtype and device.type == "cpu":
+                    _set_param(model, name, read_tensor(st, fd))
+                else:
+                    _set_param(model, name, read_tensor(st, fd).to(device=device, dtype=target))
+        finally:
+            os.close(fd)
     return model.eval()
 
 
@@ -196,6 +381,83 @@ def write_metadata(
         tokenizer.save(path)
 
 
+def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in order: a new shard when the next tensor would overflow this one (as `save_weights`)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    """The values `Phi4RV.init_weights` gives this parameter, drawn into `t` in place."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
+        return t.normal_(0.0, std, generator=gen)
+    if isinstance(module, nn.Linear) and leaf == "bias" or isinstance(module, nn.LayerNorm) and leaf == "bias":
+        return t.zero_()
+    if isinstance(module, (nn.LayerNorm, RMSNorm)) and leaf == "weight":
+        return t.fill_(1.0)
+    raise TypeError(f"no random init rule for {type(module).__name__}.{leaf}")
+
+
+def write_random_weights(
+    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Random weights for a (meta-device) model, written tensor by tensor in `save_weights`' layout.
+
+    Each tensor is drawn, written and freed before the next: peak memory is the largest tensor
+    (the 15B's embedding, 1 GB in bf16), never the model. The files are safetensors written
+    directly (8-byte header length, JSON header, raw little-endian data) so no shard is held
+    whole either.
+    """
+    path = Path(path)
+    gen = torch.Generator().manual_seed(seed)
+    params = {to_release_name(n): (n, p.shape) for n, p in model.named_parameters()}
+    sizes = [(key, shape.numel() * dtype.itemsize) for key, (_, shape) in params.items()]
+    plan = _shard_plan(sizes, max_shard_bytes)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(plan, 1):
+        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key in keys:
+            shape = params[key][1]
+            nbytes = shape.numel() * dtype.itemsize
+            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[key] = fname
+        total += offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)
+        with open(path / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for key in keys:
+                name, shape = params[key]
+                module_name, _, leaf = name.rpartition(".")
+                t = torch.empty(shape, dtype=dtype)
+                _random_fill(model.get_submodule(module_name), leaf, t, std, gen)
+                if t.numel():
+                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                del t
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def init_checkpoint(
+    cfg: Phi4RVConfig, out: str | Path, dtype: torch.dtype, seed: int = 0, tokenizer=None, max_shard_bytes: int = 5 * 2**30
+) -> Path:
+    """A random-weight checkpoint of any size in the release layout, in bounded memory."""
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    write = lambda tmp: write_random_weights(model, tmp, dtype, seed, max_shard_bytes=max_shard_bytes)  # noqa: E731
+    return save_checkpoint(model, out, tokenizer=tokenizer, dtype=dtype, write_weights=write)
+
+
 def save_checkpoint(
     model: Phi4RV,
     out: str | Path,
@@ -203,8 +465,13 @@ def save_checkpoint(
     generation_config: dict | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    write_weights=None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically: a crash mid-save leaves any previous one intact."""
+    """Write a complete checkpoint folder atomically: a crash mid-save leaves any previous one intact.
+
+    `write_weights(folder)`, if given, writes the weights instead of `save_weights` (used by
+    `init_checkpoint` to stream random weights for a meta-device model).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -214,7 +481,10 @@ def save_checkpoint(
     try:
         weights_dtype = dtype or next(t.dtype for t in model.state_dict().values() if t.is_floating_point())
         write_metadata(model.cfg, tmp, tokenizer, generation_config, weights_dtype)
-        save_weights(model, tmp, max_shard_bytes, dtype)
+        if write_weights is not None:
+            write_weights(tmp)
+        else:
+            save_weights(model, tmp, max_shard_bytes, dtype)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -16,20 +16,17 @@ from phi4rv.processing.image import ImageError
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-    from phi4rv.checkpoint import save_checkpoint
-    from phi4rv.model import Phi4RV
+    from phi4rv.checkpoint import init_checkpoint
     from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
     from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
 
     cfg = preset(args.preset)
-    torch.manual_seed(args.seed)
-    model = Phi4RV(cfg)
-    model.init_weights()
     with tempfile.TemporaryDirectory() as tok_dir:
         build_phi4_tokenizer(tok_dir, model_max_length=cfg.max_length, chat_template=DEFAULT_CHAT_TEMPLATE)
         tokenizer = Tokenizer.from_dir(tok_dir)
-    save_checkpoint(model, args.out, tokenizer=tokenizer, dtype=DTYPES[args.dtype])
-    n = sum(p.numel() for p in model.parameters())
+    # weights are drawn and written one tensor at a time: the 15B preset never exists in memory
+    init_checkpoint(cfg, args.out, DTYPES[args.dtype], seed=args.seed, tokenizer=tokenizer)
+    n = parameter_counts(cfg)["total"]
     print(f"wrote {args.out}: preset {args.preset}, {n / 1e6:.1f}M parameters, {args.dtype}")
 
 
@@ -90,7 +87,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from phi4rv.chat_model import ChatModel
     from phi4rv.generation.sampling import SamplingParams
 
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches)
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
+                        quantize=args.quantize)
     params = cm.params(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
@@ -173,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches)
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
+                        quantize=args.quantize)
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
@@ -231,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-patches", type=int, default=None, help="patch budget per image (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as stored")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
     s.add_argument("--json", action="store_true", help="print one JSON object per answer")
     s.add_argument("--ground", metavar="TARGET", help="locate a UI element in the --image: prints its pixel box and click point")
     s.add_argument("--draw", type=Path, metavar="OUT.png", help="with --ground: the image with the box and point drawn")
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES))
     s.add_argument("--device", default=None)
+    s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)
     from phi4rv.train.cli import register as _reg_train; _reg_train(sub)  # noqa: E702

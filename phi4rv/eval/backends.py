@@ -73,13 +73,16 @@ class LocalBackend:
         device: str | None = None,
         warmup: bool = True,
         max_num_patches: int | None = None,
+        quantize: str | None = None,
     ):
         from phi4rv.chat_model import ChatModel
 
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.model_dir = Path(model_dir)
-        self.cm = ChatModel.load(model_dir, dtype=dtype, device=device, max_num_patches=max_num_patches)
+        self.cm = ChatModel.load(model_dir, dtype=dtype, device=device, max_num_patches=max_num_patches,
+                                 quantize=quantize)
+        self.quantize = quantize
         self.batch_size = batch_size
         self.thinking_budget = thinking_budget
         self.warmup = warmup
@@ -94,7 +97,7 @@ class LocalBackend:
 
     def runtime(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "device": str(self.cm.model.device),
-                "dtype": str(next(self.cm.model.parameters()).dtype).removeprefix("torch.")}
+                "dtype": str(next(self.cm.model.parameters()).dtype).removeprefix("torch."), "quantize": self.quantize}
 
     def _params(self, max_new_tokens: int):
         from phi4rv.generation.sampling import SamplingParams

@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
         backend = LocalBackend(args.model, batch_size=args.batch_size, thinking_budget=args.thinking_budget,
                                dtype=args.dtype, device=args.device, warmup=not args.no_warmup,
-                               max_num_patches=args.max_num_patches)
+                               max_num_patches=args.max_num_patches, quantize=args.quantize)
     else:
         from phi4rv.eval.backends import HTTPBackend
 
@@ -202,6 +202,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--model: patch budget per image (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default=None)
+    s.add_argument("--quantize", default=None, metavar="int8|int4", help="--model: weight-only quantization at load time")
     s.add_argument("--concurrency", type=int, default=1, help="--endpoint: requests in flight")
     s.add_argument("--retries", type=int, default=3, help="--endpoint: retries on timeouts, 429 and 5xx")
     s.add_argument("--timeout", type=float, default=600.0, help="--endpoint: seconds per request")

@@ -1,0 +1,190 @@
+"""Weight-only quantization of linear layers: int8 per output channel, int4 in groups along the input.
+
+The matmuls are PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu` / `aten._weight_int4pack_mm` on CUDA); activations stay in the
+compute dtype. Measured on the 2-core CPU here (DESIGN.md §7) they beat bf16 `F.linear` by ~1.4x
+at batch 1, where torchao 0.18's eager int8 path was 10x slower, so torchao is not used.
+
+What is quantized (`quantize_modules`):
+- every linear layer of the decoder's blocks (qkv, o, gate_up, down): int8 or int4;
+- the LM head: int8 under both modes. It is read in full for every token (1 GB in bf16 at the
+  15B's size, 2 % of the weights in int4), and its rows rank 100k tokens against each other; int4
+  there moves greedy choices for little memory gain (llama.cpp's Q4_K_M keeps it at 6 bits);
+- the embedding table stays in the compute dtype: one row is gathered per token, so it costs
+  memory (1 GB) but no bandwidth, and quantizing it buys no speed;
+- the vision tower and projector stay in the compute dtype unless `vision=True` (they run once
+  per image, compute-bound, and are 3 % of the weights).
+
+A layer whose input width is not a multiple of 32 (SigLIP's fc2, 4304) or whose output width is not
+a multiple of 16 cannot use the int4 kernel and is quantized to int8 instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZE_MODES = ("int8", "int4")
+INT4_GROUP = 128
+_ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
+
+
+def check_mode(mode: str | None) -> str | None:
+    if mode in (None, "", "none"):
+        return None
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown --quantize value {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    return mode
+
+
+def int4_group_size(in_features: int) -> int | None:
+    for g in (INT4_GROUP, 64, 32):
+        if in_features % g == 0:
+            return g
+    return None
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + b with q int8 [out, in] and one scale per output row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
+        q = torch.empty(w.shape, dtype=torch.int8, device=device)
+        scales = torch.empty(w.shape[0], dtype=torch.float32, device=device)
+        for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
+            chunk = w[r : r + _ROWS_PER_CHUNK].to(device=device, dtype=torch.float32)
+            s = chunk.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            q[r : r + _ROWS_PER_CHUNK] = torch.round(chunk / s[:, None]).clamp(-127, 127).to(torch.int8)
+            scales[r : r + _ROWS_PER_CHUNK] = s
+        self.qweight = q
+        self.scales = scales.to(self.compute_dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.to(self.compute_dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:  # no int8 weight-only kernel assumed elsewhere: dequantize per call (correct, slower)
+            y = F.linear(x2, self.dequantized())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(nn.Module):
+    """Asymmetric int4 in groups of `group` inputs: w = q * scale + min, q in 0..15.
+
+    `packed` is in the kernel's own layout for the device the model runs on (CPU and CUDA
+    layouts differ); `scales_and_zeros` is [in/group, out, 2] (scale, min + 8*scale) as the
+    kernels take it.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int):
+        super().__init__()
+        self.in_features, self.out_features, self.compute_dtype, self.group = in_features, out_features, dtype, group
+        self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @staticmethod
+    def quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fp32 rows [n, in] -> (q int32 [n, in] in 0..15, scale [n, in/group], min [n, in/group])."""
+        n, k = w.shape
+        g = w.view(n, k // group, group)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = (hi - lo).clamp(min=1e-8) / 15.0
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        return q.view(n, k), scale, lo
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
+        device = torch.device(device)
+        n, k = w.shape
+        cpu = device.type == "cpu"
+        # CPU: the kernel's layout packs rows independently, so chunks go straight in. CUDA: plain
+        # nibbles first, converted to its tiled layout in one call on the device.
+        packed = torch.empty(n, k // 2, dtype=torch.uint8, device=device if cpu else "cpu")
+        sz = torch.empty(k // self.group, n, 2, dtype=torch.float32)
+        for r in range(0, n, _ROWS_PER_CHUNK):
+            rows = slice(r, min(r + _ROWS_PER_CHUNK, n))
+            q, scale, lo = self.quantize_rows(w[rows].to(device="cpu" if not cpu else device, dtype=torch.float32), self.group)
+            sz[:, rows, 0], sz[:, rows, 1] = scale.T, (lo + 8 * scale).T
+            if cpu:
+                packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            else:
+                packed[rows] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        if not cpu:
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed.to(device), 8)
+        self.packed = packed
+        self.scales_and_zeros = sz.to(device=device, dtype=self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+QuantLinear = (Int8Linear, Int4Linear)
+
+
+def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
+    """An empty quantized twin of `linear` (filled later by `set_weight`)."""
+    n, k = linear.out_features, linear.in_features
+    group = int4_group_size(k) if mode == "int4" and n % 16 == 0 else None  # the int4 kernel packs 16 rows together
+    if group is None:
+        return Int8Linear(k, n, linear.bias is not None, dtype)
+    return Int4Linear(k, n, linear.bias is not None, dtype, group)
+
+
+def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bool = False) -> list[str]:
+    """Swap the linears named in the module docstring for quantized twins, in place.
+
+    Called on a meta-device model before loading (the twins are then filled tensor by tensor)
+    or on a loaded model (the twins are filled from the current weights). Returns the swapped names.
+    """
+    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _wanted(name, vision)]
+    for name in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, leaf)
+        layer_mode = "int8" if name == "decoder.lm_head" else mode
+        with torch.device("meta") if old.weight.is_meta else torch.device(old.weight.device):
+            new = quantized_linear(old, layer_mode, dtype)
+        if not old.weight.is_meta:
+            new.set_weight(old.weight.detach(), old.weight.device)
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.detach().to(dtype), requires_grad=False)
+        setattr(parent, leaf, new)
+    return targets
+
+
+def _wanted(name: str, vision: bool) -> bool:
+    if name.startswith("decoder."):
+        return True  # the blocks' linears and lm_head (embed_tokens is an Embedding)
+    # the patch embedding stays: its width is the input's (768), and the encoder reads its dtype
+    return vision and name.startswith(("vision.", "projector.")) and not name.endswith("patch_embedding")
+
+
+def quantized_name(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """(quantized module, leaf) if parameter `name` belongs to a quantized linear, else None."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return (module, leaf) if isinstance(module, QuantLinear) else None
