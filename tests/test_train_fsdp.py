@@ -1,6 +1,10 @@
-"""`torchrun --nproc_per_node=2 -m phi4rv train` (FSDP2, gloo) matches one process on the same global batch."""
+"""`torchrun --nproc_per_node=2 -m phi4rv train` (FSDP2, gloo) matches one process on the same global batch,
+whatever each process's share of the data holds (text only, nothing, or less than the other's)."""
 
+import io
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -10,18 +14,48 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from phi4rv.checkpoint import load_model
+from phi4rv.data.formats import Sample, write_jsonl
 from phi4rv.train.config import load_config
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
-from phi4rv.train.toy import toy_config, write_toy
+from phi4rv.train.toy import add_sample, build_byte_tokenizer, colour_sample, toy_config, write_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
 
 
-@pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is_available(), reason="needs torch.distributed and torchrun")
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is_available(),
+                                    reason="needs torch.distributed and torchrun")
+
+
+def torchrun(config: Path, timeout: int = 240) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "phi4rv", "train", str(config)],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        raise
+    assert proc.returncode == 0, out
+    return out
+
+
+def run_one_process(cfg: dict) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(load_config(None, base=cfg))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_torchrun
 def test_two_processes_fsdp2_match_one_process(tmp_path):
     toy = write_toy(tmp_path / "toy", n_train=96, n_test=8)
     cfgs = {}
@@ -32,25 +66,9 @@ def test_two_processes_fsdp2_match_one_process(tmp_path):
         cfg["checkpoint"] = {"every": 3}
         cfgs[name] = cfg
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfgs["two"]))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "phi4rv", "train", str(tmp_path / "two.yaml")],
-        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
-        raise
-    assert proc.returncode == 0, out
+    out = torchrun(tmp_path / "two.yaml")
     assert "2 process(es), 1 micro-batch(es) per process per step" in out
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run(load_config(None, base=cfgs["one"]))  # one process accumulates both micro-batches
-    finally:
-        torch.set_num_threads(threads)
+    run_one_process(cfgs["one"])  # one process accumulates both micro-batches
 
     one, two = (read_metrics(tmp_path / n / "toy" / "metrics.jsonl") for n in ("one", "two"))
     train = lambda rs: [(r["step"], r["train/loss"], r["data/targets"]) for r in rs if "train/loss" in r]  # noqa: E731
@@ -63,3 +81,63 @@ def test_two_processes_fsdp2_match_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def broken_colour_sample(rng: random.Random, idx: str) -> Sample:
+    """A colour sample whose PNG is cut short inside its pixel data: the header measures (an eXIf
+    chunk ahead of the pixels spares reading them), decoding fails, so the sample is dropped while
+    its micro-batch loads, after planning."""
+    s = colour_sample(rng, idx)
+    exif = Image.Exif()
+    exif[0x0112] = 1  # orientation: upright
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(s.images[0])).save(buf, format="PNG", exif=exif)
+    png = buf.getvalue()
+    s.images = [png[: (png.index(b"IDAT") + len(png)) // 2]]
+    return s
+
+
+@needs_torchrun
+def test_uneven_shares_keep_processes_in_step(tmp_path):
+    """Every process runs the same collectives whatever its share: a micro-batch without images
+    next to one with images, a micro-batch whose only sample is dropped while loading, an eval set
+    of one micro-batch (nothing for the second process) and of three (2 + 1); two processes then
+    match one process step for step."""
+    data = tmp_path / "data"
+    build_byte_tokenizer(data / "tokenizer")
+    rng = random.Random(0)
+    c, a, b = colour_sample, add_sample, broken_colour_sample
+    # unshuffled, one sample per micro-batch (121-138 tokens, rows of 192), two micro-batches a step:
+    # sample 2k goes to process 0 and 2k+1 to process 1 at step k
+    order = [c, c, c, a, a, c, c, b, b, c, a, a]
+    write_jsonl([make(rng, f"t{i}") for i, make in enumerate(order)], data / "train.jsonl", data / "images")
+    write_jsonl([a(rng, "e0"), c(rng, "e1"), c(rng, "e2")], data / "test.jsonl", data / "images")
+
+    cfgs = {}
+    for name in ("one", "two"):
+        cfg = toy_config(tmp_path / name, data, steps=2)
+        wide = cfg["stages"].pop("toy")  # three rows a micro-batch: the whole eval set is one micro-batch
+        wide["data"].update(batch_tokens=576, tokens_per_step=1152)
+        narrow = {**wide, "max_steps": 6, "data": {**wide["data"], "batch_tokens": 192, "tokens_per_step": 384, "shuffle": False}}
+        cfg["stages"] = {"wide": wide, "narrow": narrow}
+        cfg["eval"] = {"datasets": [{"path": str(data / "test.jsonl")}], "at_start": True, "every": 2}
+        cfgs[name] = cfg
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfgs["two"], sort_keys=False))  # stages run in order
+    torchrun(tmp_path / "two.yaml")
+    run_one_process(cfgs["one"])
+
+    for stage, steps, evals in (("wide", 2, [0, 2]), ("narrow", 6, [0, 2, 4, 6])):
+        one, two = (read_metrics(tmp_path / n / stage / "metrics.jsonl") for n in ("one", "two"))
+        assert [r["step"] for r in one] == [r["step"] for r in two]
+        assert sum("train/loss" in r for r in two) == steps
+        assert [r["step"] for r in one if "eval/loss" in r] == [r["step"] for r in two if "eval/loss" in r] == evals
+        for r1, r2 in zip(one, two):
+            for key in ("train/loss", "data/targets", "eval/loss", "eval/token_acc"):
+                if key in r1:
+                    assert r2[key] == pytest.approx(r1[key], rel=1e-5, abs=1e-6), (stage, r1["step"], key)
+    for n in ("one", "two"):  # the two cut-short images were dropped while loading, not while planning
+        state = json.loads((tmp_path / n / "narrow" / "step-00000006" / "trainer" / "state.json").read_text())
+        assert state["counters"]["skipped_bad_image"] == 2
+    a1, a2 = load_model(tmp_path / "one" / "narrow" / "final").state_dict(), load_model(tmp_path / "two" / "narrow" / "final").state_dict()
+    for k in a1:
+        assert torch.allclose(a1[k], a2[k], atol=1e-5), k

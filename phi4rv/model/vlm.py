@@ -117,6 +117,7 @@ class Phi4RV(nn.Module):
         labels: torch.Tensor | None = None,  # [B, T]; shifted inside, image positions ignored
         segment_ids: torch.Tensor | None = None,  # [B, T] packed rows: sample id per position, 0 = padding
         logits_at: torch.Tensor | None = None,  # [B, T] bool: only these positions' logits, as [N, V]
+        always_run_vision: bool = False,  # no images: run the vision tower on a blank patch, times 0
     ) -> torch.Tensor:
         """Logits [B, T, V], or the mean next-token loss when `labels` are given.
 
@@ -129,6 +130,10 @@ class Phi4RV(nn.Module):
         grids = grids or []
         feats = self.encode_images(pixels, grids) if grids else None
         x = self.embed(input_ids, feats)
+        if always_run_vision and not grids:
+            # sharded training: every process runs the same layers whatever its data (see train.loop)
+            blank = self.encode_images(x.new_zeros(1, self.cfg.vision.patch_dim), [(1, 1)])
+            x = x + blank.sum().to(x.dtype) * 0.0
         if segment_ids is not None:
             valid = segment_ids > 0 if padding_mask is None else padding_mask & (segment_ids > 0)
             if positions is None:

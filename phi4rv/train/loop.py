@@ -250,7 +250,13 @@ def autocast(cfg: TrainConfig, device: torch.device):
 def loss_terms(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, number of correct argmax predictions) over the batch's targets."""
     scored = batch.targets != IGNORE_INDEX
-    logits = model(**batch.model_inputs(), logits_at=scored).float()  # [N, V]: scored positions only
+    # Under FSDP every process must run every sharded unit, in the same order, the same number of
+    # times (each forward all-gathers a unit's parameters, each backward reduce-scatters its
+    # gradients): a micro-batch without images (text only, a filler, samples dropped while
+    # loading) still runs the vision tower, on a blank patch that adds exactly zero. One process
+    # does the same, so that a step without images gives the vision tower zero gradients (AdamW
+    # still moves it by its momentum) with any number of processes, not none.
+    logits = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True).float()
     targets = batch.targets[scored]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum()
