@@ -118,6 +118,7 @@ class Phi4RV(nn.Module):
         segment_ids: torch.Tensor | None = None,  # [B, T] packed rows: sample id per position, 0 = padding
         logits_at: torch.Tensor | None = None,  # [B, T] bool: only these positions' logits, as [N, V]
         always_run_vision: bool = False,  # no images: run the vision tower on a blank patch, times 0
+        hidden_only: bool = False,  # return the final hidden states, not logits (the caller applies lm_head)
     ) -> torch.Tensor:
         """Logits [B, T, V], or the mean next-token loss when `labels` are given.
 
@@ -125,7 +126,7 @@ class Phi4RV(nn.Module):
         another) and default positions restart at 0 for each sample. `logits_at` skips the LM head
         where no loss is taken (image and prompt positions are most of a VLM's sequence).
         """
-        if logits_at is not None and labels is not None:
+        if (logits_at is not None or hidden_only) and labels is not None:
             raise ValueError("give labels (mean loss) or logits_at (selected logits), not both")
         grids = grids or []
         feats = self.encode_images(pixels, grids) if grids else None
@@ -157,6 +158,8 @@ class Phi4RV(nn.Module):
         h = self.decoder(x, positions, mask, segments=segments)
         if logits_at is not None:
             h = h[logits_at]
+        if hidden_only:
+            return h
         logits = self.decoder.lm_head(h)
         if labels is None:
             return logits

@@ -47,6 +47,7 @@ from phi4rv.train.distributed import (
     shard_model,
     shutdown,
 )
+from phi4rv.train.loss import chunked_cross_entropy
 from phi4rv.train.metrics import MetricsLog, plot_metrics
 from phi4rv.train.stages import build_optimizer, format_table, freeze_for_stage, lr_factor, parameter_table, set_lr
 
@@ -247,17 +248,25 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def loss_terms(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, number of correct argmax predictions) over the batch's targets."""
+def loss_terms(model, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of correct argmax predictions) over the batch's targets.
+
+    With `chunk` > 0 the LM head and the loss run `chunk` scored tokens at a time (train.loss), never
+    holding the whole [tokens, vocab] logits; 0 computes them at once."""
     scored = batch.targets != IGNORE_INDEX
+    targets = batch.targets[scored]
     # Under FSDP every process must run every sharded unit, in the same order, the same number of
     # times (each forward all-gathers a unit's parameters, each backward reduce-scatters its
     # gradients): a micro-batch without images (text only, a filler, samples dropped while
     # loading) still runs the vision tower, on a blank patch that adds exactly zero. One process
     # does the same, so that a step without images gives the vision tower zero gradients (AdamW
     # still moves it by its momentum) with any number of processes, not none.
-    logits = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True).float()
-    targets = batch.targets[scored]
+    head = model.decoder.lm_head
+    if chunk and type(head) is torch.nn.Linear and head.bias is None:
+        hidden = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True, hidden_only=True)
+        # after the forward, FSDP2 leaves the root's parameters (the LM head among them) unsharded
+        return chunked_cross_entropy(hidden, head.weight, targets, chunk)
+    logits = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True).float()  # [N, V]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum()
     return loss, correct
@@ -304,7 +313,7 @@ def evaluate(model, ev: EvalSet, encoder: SampleEncoder, cfg: TrainConfig, token
     for batch in loader(MicroBatches(ev.micro, ev.sources, encoder, mine, pad_id), 0):
         batch = batch.to(d.device)
         with autocast(cfg, d.device):
-            l, c = loss_terms(model, batch)
+            l, c = loss_terms(model, batch, cfg.loss_chunk_tokens)
         loss, correct, count = loss + float(l), correct + float(c), count + batch.num_targets
     loss, correct, count = d.sum([loss, correct, count])
     out = {"eval/loss": loss / max(count, 1), "eval/token_acc": correct / max(count, 1)}
@@ -421,7 +430,7 @@ def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | 
                 set_gradient_sync(model, a == per_rank - 1)
                 b = b.to(d.device)
                 with autocast(cfg, d.device):
-                    l, c = loss_terms(model, b)
+                    l, c = loss_terms(model, b, cfg.loss_chunk_tokens)
                 # FSDP averages gradients over processes; * world makes the step's gradient the
                 # gradient of (sum of token losses / tokens in the whole step), whatever the split.
                 (l * (d.world / max(n_targets, 1))).backward()

@@ -1,0 +1,72 @@
+"""Cross-entropy over the LM head in chunks of tokens, never holding the `[tokens, vocab]` logits.
+
+With Phi-4's 100,352-word vocabulary the logits of one 16k-token micro-batch are 6.4 GB in float32,
+and autograd keeps them (and their softmax) until the backward pass. Here the forward computes each
+chunk's logits, keeps only one log-sum-exp per token, and drops them; the backward recomputes each
+chunk's logits once more and turns them straight into gradients (softmax - one-hot), so the peak
+is one chunk's logits (chunk x vocab floats) instead of all of them, for one more head matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        n = hidden.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for s in range(0, n, chunk):
+            logits = (hidden[s : s + chunk] @ weight.T).float()
+            t = targets[s : s + chunk]
+            lse[s : s + chunk] = logits.logsumexp(-1)
+            loss += (lse[s : s + chunk] - logits.gather(1, t[:, None])[:, 0]).sum()
+            correct += (logits.argmax(-1) == t).sum()
+            del logits
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_correct):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # accumulated in the weight's dtype, in place (each chunk's matmul accumulates in float32;
+        # a float32 buffer for a bf16 head would cost more memory than the chunking saves)
+        grad_w = torch.zeros_like(weight) if need_w else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk]
+            t = targets[s : s + ctx.chunk]
+            probs = ((h @ weight.T).float() - lse[s : s + ctx.chunk, None]).exp_()  # softmax
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            d_logits = (probs * grad_loss).to(hidden.dtype)
+            del probs
+            if need_h:
+                grad_h[s : s + ctx.chunk] = d_logits @ weight
+            if need_w:
+                grad_w.addmm_(d_logits.T, h)
+            del d_logits
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of -log softmax(hidden @ weight.T)[target], number of rows whose argmax is the
+    target), as `F.cross_entropy(hidden @ weight.T, targets, reduction="sum")` with the logits in
+    float32, but computed `chunk` rows at a time. hidden [N, D], weight [V, D], targets [N] (every
+    row is scored). Under autocast the matmuls run in the autocast dtype, as `nn.Linear` would."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk)
