@@ -1,4 +1,5 @@
-"""`phi4rv train CONFIG [key=value ...] [--resume RUN_DIR]`, also under `torchrun -m phi4rv train`."""
+"""`phi4rv train CONFIG [key=value ...] [--resume RUN_DIR] [--plan [--world N] [--device-memory 24GB]]`, also under
+`torchrun -m phi4rv train`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,33 @@ def cmd_train(args: argparse.Namespace) -> None:
         if args.config is None:
             raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        from phi4rv.train.plan import parse_size
+
+        try:
+            memory = parse_size(args.device_memory) if args.device_memory else None
+        except ValueError as e:
+            raise ConfigError(f"--device-memory: {e}") from None
+        print(memory_plan_report(cfg, args.world, args.plan_device, memory))
+        return
     run(cfg, resume=args.resume is not None)
+
+
+def memory_plan_report(cfg, world: int, device: str, device_memory: int | None) -> str:
+    from phi4rv.train.loop import load_tokenizer, model_config
+    from phi4rv.train.plan import options_that_fit, plan_memory
+
+    if world < 1:
+        raise ConfigError(f"--world must be >= 1, got {world}")
+    mc = model_config(cfg, None, load_tokenizer(cfg))
+    out = []
+    for name in cfg.stages:
+        plan = plan_memory(cfg, name, mc, world, device, device_memory)
+        out.append(plan.format())
+        if plan.fits is False:
+            options = options_that_fit(cfg, name, mc, world, device, device_memory)
+            out.append("  would fit with: " + ("; ".join(options) if options else "none of the usual changes"))
+    return "\n".join(out)
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -51,4 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("config", nargs="?", type=Path, help="YAML training config (optional with --resume)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     s.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    s.add_argument("--plan", action="store_true", help="print the memory plan per process and stage (no weights read) and exit")
+    s.add_argument("--world", type=int, default=1, help="with --plan: number of processes (FSDP2 shards over them)")
+    s.add_argument("--device-memory", default=None, metavar="SIZE", help="with --plan: memory per process, e.g. 24GB, 80GB")
+    s.add_argument("--plan-device", default="cuda", choices=("cuda", "cpu"), help="with --plan: the runtime allowance (default cuda)")
     s.set_defaults(func=cmd_train)

@@ -120,7 +120,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     precision: str = "float32"  # autocast dtype for the forward pass ("bfloat16" where supported)
     activation_checkpointing: bool = False
-    loss_chunk_tokens: int = 1024  # LM head + loss this many scored tokens at a time (0: all at once)
+    loss_chunk_tokens: int = 256  # LM head + loss this many scored tokens at a time (0: all at once)
+    device_memory: str | None = None  # per-process budget the memory plan must fit, e.g. "24GB"; default: the device's
     device: str = "auto"  # auto = cuda when available (one GPU per process under torchrun), else cpu
 
     def to_dict(self) -> dict:
@@ -353,6 +354,13 @@ def validate(cfg: TrainConfig) -> None:
         _check_dataset(ds, f"eval.datasets.{i}")
     if cfg.eval.every < 0 or cfg.eval.generate < 0 or cfg.eval.max_new_tokens < 1:
         raise ConfigError("eval: every >= 0, generate >= 0 and max_new_tokens >= 1 are required")
+    if cfg.device_memory is not None:
+        from phi4rv.train.plan import parse_size
+
+        try:
+            parse_size(cfg.device_memory)
+        except ValueError as e:
+            raise ConfigError(f"device_memory: {e}") from None
     if cfg.loss_chunk_tokens < 0:
         raise ConfigError(f"loss_chunk_tokens must be >= 0, got {cfg.loss_chunk_tokens}")
     if cfg.log.every < 1:

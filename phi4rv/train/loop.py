@@ -11,6 +11,7 @@ data position, so resuming at step s replays nothing and changes nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import tempfile
@@ -49,6 +50,7 @@ from phi4rv.train.distributed import (
 )
 from phi4rv.train.loss import chunked_cross_entropy
 from phi4rv.train.metrics import MetricsLog, plot_metrics
+from phi4rv.train.plan import gib, options_that_fit, parse_size, plan_memory
 from phi4rv.train.stages import build_optimizer, format_table, freeze_for_stage, lr_factor, parameter_table, set_lr
 
 
@@ -477,6 +479,8 @@ def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | 
     finally:
         bar.close()
 
+    peaks = d.sum([peak_memory_gb(d.device) if r == d.rank else 0.0 for r in range(d.world)])
+    say(d, "peak memory per process (GiB): " + " ".join(f"{p:.3f}" for p in peaks))
     final_record = {"step": plan.steps}
     if ev is not None:
         final_record.update(evaluate(model, ev, encoder, cfg, tokenizer, d, pad_id))
@@ -506,6 +510,40 @@ def export_final(model, out: Path, tokenizer: Tokenizer, cfg: TrainConfig, d: Di
 # ---- the run -------------------------------------------------------------------------------
 
 
+def device_memory(cfg: TrainConfig, d: Dist) -> int | None:
+    """Memory one process may use: `device_memory` from the config, else the GPU's total, else
+    the host's available memory shared by this node's processes."""
+    if cfg.device_memory:
+        return parse_size(cfg.device_memory)
+    if d.device.type == "cuda":
+        return torch.cuda.get_device_properties(d.device).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+                return int(line.split()[1]) * 1024 // max(local, 1)
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, mc: Phi4RVConfig, d: Dist) -> None:
+    """Refuse, before any weight is read, a stage that the memory plan says cannot fit."""
+    budget = device_memory(cfg, d)
+    if budget is None:
+        return
+    for name in cfg.stages:
+        plan = plan_memory(cfg, name, mc, d.world, d.device.type, budget)
+        if not plan.fits:
+            options = options_that_fit(cfg, name, mc, d.world, d.device.type, budget)
+            raise ConfigError(
+                f"stages.{name} needs ~{gib(plan.total)} per process but {gib(budget)} is available "
+                f"({', '.join(f'{k} {gib(v)}' for k, v in plan.parts.items())}); "
+                + ("it would fit with: " + "; ".join(options) if options else "no usual change makes it fit")
+                + " (`phi4rv train CONFIG --plan` for the whole plan)"
+            )
+
+
 def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Path]:
     """Run every stage of `cfg` in order; returns each stage's final checkpoint folder."""
     run_dir = Path(cfg.run_dir)
@@ -521,6 +559,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> dict[str, Path]:
                     f"batch_tokens x processes ({stage.data.batch_tokens} x {d.world})"
                 )
         tokenizer = load_tokenizer(cfg)
+        check_memory(cfg, model_config(cfg, None, tokenizer), d)
         if d.main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(cfg.dump())
