@@ -118,9 +118,9 @@ def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: 
         model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc)
     else:
         torch.manual_seed(cfg.seed)
-        model = Phi4RV(mc)
-        model.init_weights()
-        model.to(dtype)
+        model = Phi4RV(mc) if dtype == torch.float32 else init_in_dtype(mc, dtype)
+        if dtype == torch.float32:
+            model.init_weights()
     if lora:
         torch.manual_seed(cfg.seed)
         lc = cfg.lora
@@ -133,6 +133,34 @@ def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: 
     freeze_for_stage(model, stage)
     model.decoder.checkpointing = cfg.activation_checkpointing
     return model.train()
+
+
+def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
+    """A randomly initialised model (Phi4RV.init_weights' rules, drawn in `dtype`), built on the
+    meta device and filled module by module, so that no float32 copy ever exists (at the 15B's
+    widths the embeddings and LM head alone are 4 GB in float32)."""
+    from phi4rv.model.decoder import RMSNorm
+
+    with torch.device("meta"):
+        model = Phi4RV(mc)
+    for m in model.modules():
+        if not list(m.parameters(recurse=False)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            m.register_parameter(name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad))
+        with torch.no_grad():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            else:
+                raise TypeError(f"no init rule for {type(m).__name__}")
+    return model
 
 
 # ---- data ----------------------------------------------------------------------------------

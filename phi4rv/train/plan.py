@@ -153,7 +153,7 @@ def plan_memory(
     layer_units = [v for k, v in unit_bytes.items() if k != "root"]
     if world > 1:
         params = stored // world
-        gathered = unit_bytes.get("root", 0) + 2 * max(layer_units, default=0)
+        gathered = unit_bytes.get("root", 0) + sum(sorted(layer_units)[-2:])  # running + prefetched layer
         grad_bytes = grads // world + unit_grad.get("root", 0) + max((v for k, v in unit_grad.items() if k != "root"), default=0)
     else:
         params, gathered, grad_bytes = stored, autocast_copies, grads
