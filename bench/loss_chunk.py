@@ -53,7 +53,7 @@ def step(side: str, h, w, t, chunk: int) -> float:
     else:
         loss, _ = chunked_cross_entropy(h, w, t, chunk)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure_memory(side: str, args, queue) -> None:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.set_defaults(dtype="bfloat16")
     args = p.parse_args(argv)
     if args.tiny:
-        args.tokens, args.hidden, args.vocab, args.chunk = 256, 64, 4096, 64
+        args.tokens, args.hidden, args.vocab, args.chunk = 128, 64, 2048, 32
     device, dtype = setup(args)
 
     ctx = mp.get_context("spawn")

@@ -92,3 +92,15 @@ def test_data_throughput_reports_every_generator(tmp_path):
         g = fig["generators"][name]
         assert g["best_samples_per_s"] >= g["samples_per_s"]
     assert "curation:" in stdout
+
+
+def test_loss_chunk_reports_its_figures(tmp_path):
+    stdout, fig = run_bench("loss_chunk", tmp_path)
+    for key in ("cpu", "cores", "torch", "threads", "dtype", "device"):
+        assert key in fig["machine"]
+    for side in ("full", "chunked"):
+        assert fig["timing"][side]["median_s"] > 0 and len(fig["timing"][side]["times_s"]) >= 3
+        assert fig["memory"][side]["peak_growth_mib"] >= 0
+    full, chunked = fig["memory"]["full"]["loss"], fig["memory"]["chunked"]["loss"]
+    assert abs(full - chunked) <= 1e-3 * abs(full)  # bf16 matmuls on both sides: the same loss
+    assert "less peak memory" in stdout

@@ -130,10 +130,13 @@ class Phi4RV(nn.Module):
             raise ValueError("give labels (mean loss) or logits_at (selected logits), not both")
         grids = grids or []
         feats = self.encode_images(pixels, grids) if grids else None
-        x = self.embed(input_ids, feats)
+        blank = None
         if always_run_vision and not grids:
-            # sharded training: every process runs the same layers whatever its data (see train.loop)
-            blank = self.encode_images(x.new_zeros(1, self.cfg.vision.patch_dim), [(1, 1)])
+            # sharded training: every process runs the same layers in the same order whatever its
+            # data (see train.loop), so the blank patch goes through the tower where images would
+            blank = self.encode_images(torch.zeros(1, self.cfg.vision.patch_dim, device=input_ids.device), [(1, 1)])
+        x = self.embed(input_ids, feats)
+        if blank is not None:
             x = x + blank.sum().to(x.dtype) * 0.0
         if segment_ids is not None:
             valid = segment_ids > 0 if padding_mask is None else padding_mask & (segment_ids > 0)

@@ -1,8 +1,8 @@
 """One process or many: process group setup, FSDP2 sharding, collectives and full state dicts.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the model is sharded with FSDP2 `fully_shard`: each
-decoder layer and each vision layer is its own unit, the rest (embeddings, LM head, projector)
-belongs to the root. gloo on CPU, NCCL on GPU (one GPU per process, `LOCAL_RANK`). The optimizer
+decoder layer, each vision layer and the token embeddings are their own units, the rest (LM head,
+projector, vision embeddings, norms) belongs to the root. gloo on CPU, NCCL on GPU (one GPU per process, `LOCAL_RANK`). The optimizer
 state is sharded along with the parameters (ZeRO-3; the paper used ZeRO-1).
 
 Multi-node: run the same command on every node with a shared rendezvous, e.g.
@@ -93,6 +93,9 @@ def shard_model(model: nn.Module, d: Dist, param_dtype: torch.dtype | None = Non
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     for layer in model.decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
+    # the embedding table (100352 x 5120 in the 15B) is gathered only while the lookup runs; the LM
+    # head stays in the root: the chunked loss applies it after the forward (train.loss)
+    fully_shard(model.decoder.embed_tokens, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 

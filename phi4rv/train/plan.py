@@ -6,8 +6,9 @@ arithmetic over how the loop runs (train.loop, train.distributed, train.loss):
 - parameters: frozen ones in `model.dtype`, trained ones in float32; with N processes FSDP2 keeps
   1/N of each (ZeRO-3).
 - gathered: with N > 1 a unit's parameters are all-gathered (in the bf16 compute dtype under
-  `precision: bfloat16`) while it runs: the root (embeddings, LM head, projector, vision
-  embeddings) for the whole step, plus two layers (the running one and the prefetched one). With
+  `precision: bfloat16`) while it runs: the root (LM head, projector, vision embeddings) for the
+  whole step, plus the two largest other units (layers, token embeddings: the running one and
+  the prefetched one). With
   one process under bf16 autocast: the bf16 copies of float32 weights that matmuls keep for the
   backward.
 - gradients: float32, 1/N each, plus with N > 1 the unsharded compute-dtype gradients of the root
@@ -105,7 +106,7 @@ def _meta_model(mc: Phi4RVConfig, cfg: TrainConfig, lora: bool):
 
 
 def _unit(name: str) -> str:
-    m = re.match(r"(decoder\.layers\.\d+|vision\.encoder\.layers\.\d+)\.", name)
+    m = re.match(r"(decoder\.layers\.\d+|vision\.encoder\.layers\.\d+|decoder\.embed_tokens)\.", name)
     return m.group(1) if m else "root"
 
 
