@@ -8,7 +8,8 @@ arithmetic over how the loop runs (train.loop, train.distributed, train.loss):
 - gathered: with N > 1 a unit's parameters are all-gathered (in the bf16 compute dtype under
   `precision: bfloat16`) while it runs: the root (LM head, projector, vision embeddings) for the
   whole step, plus the two largest other units (layers, token embeddings: the running one and
-  the prefetched one). With
+  the prefetched one), plus one flat all-gather buffer of the largest unit (FSDP2 gathers into it,
+  then copies out). With
   one process under bf16 autocast: the bf16 copies of float32 weights that matmuls keep for the
   backward.
 - gradients: float32, 1/N each, plus with N > 1 the unsharded compute-dtype gradients of the root
@@ -154,7 +155,9 @@ def plan_memory(
     layer_units = [v for k, v in unit_bytes.items() if k != "root"]
     if world > 1:
         params = stored // world
-        gathered = unit_bytes.get("root", 0) + sum(sorted(layer_units)[-2:])  # running + prefetched layer
+        # the root, the running and the prefetched unit, and one all-gather buffer: FSDP2 gathers
+        # a unit into one flat buffer, then copies it out into the unsharded parameters
+        gathered = unit_bytes.get("root", 0) + sum(sorted(layer_units)[-2:]) + max(unit_bytes.values())
         grad_bytes = grads // world + unit_grad.get("root", 0) + max((v for k, v in unit_grad.items() if k != "root"), default=0)
     else:
         params, gathered, grad_bytes = stored, autocast_copies, grads
