@@ -31,6 +31,7 @@ demo: setup
 		--max-new-tokens 48 --temperature 0 "What is the sum of the numbers on the cards?"
 
 test: setup-dev
+	$(BIN)/ruff check phi4rv tests bench
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests
 
 clean:

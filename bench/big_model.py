@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, print_table  # noqa: E402
+from common import cpu_model, print_table
 
 GB = 1e9
 # Peak RSS each mode may reach on the 24 GB machine (the budget) and the free memory a

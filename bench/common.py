@@ -87,10 +87,7 @@ def machine_rates(device: torch.device, dtype: torch.dtype, tiny: bool = False) 
     - `matmul_flops_per_s`: a square matmul of `dtype` (2048, 512 with `tiny`), best of 5.
     """
     n = (64 if tiny else 1024) * 2**20 // 4
-    src = torch.rand(n, device=device)
-    dst = torch.empty_like(src)
-    best_copy = min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
-    del src, dst
+    best_copy = _best_copy_time(n, device)
     m = 512 if tiny else 2048
     a = torch.rand(m, m, device=device, dtype=dtype)
     b = torch.rand(m, m, device=device, dtype=dtype)
@@ -99,6 +96,12 @@ def machine_rates(device: torch.device, dtype: torch.dtype, tiny: bool = False) 
     nbytes = n * 4
     return {"copy_bandwidth_bytes_per_s": 2 * nbytes / best_copy, "read_bandwidth_bytes_per_s": nbytes / best_copy,
             "matmul_flops_per_s": 2 * m**3 / best_mm, "copy_bytes": nbytes, "matmul_size": m}
+
+
+def _best_copy_time(n: int, device: torch.device) -> float:
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    return min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
 
 
 def print_rates(rates: dict[str, float]) -> None:

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import machine, print_machine, print_table, write_json  # noqa: E402
+from common import machine, print_machine, print_table, write_json
 
-from phi4rv.data.curate import CurateConfig, curate  # noqa: E402
-from phi4rv.data.formats import write_parquet  # noqa: E402
-from phi4rv.data.synth import DIFFICULTIES, GENERATORS  # noqa: E402
+from phi4rv.data.curate import CurateConfig, curate
+from phi4rv.data.formats import write_parquet
+from phi4rv.data.synth import DIFFICULTIES, GENERATORS
 
 
 def time_generator(name: str, difficulty: str, n: int, repeats: int, seed: int) -> dict:

@@ -42,14 +42,22 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_common_args, machine, machine_rates, print_machine, print_rates, print_table, setup, sync, timed, write_json,
+from common import (
+    add_common_args,
+    machine,
+    machine_rates,
+    print_machine,
+    print_rates,
+    print_table,
+    setup,
+    sync,
+    write_json,
 )
 
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from phi4rv.generation.generate import GenerationParams, Request, generate  # noqa: E402
-from phi4rv.model import Phi4RV  # noqa: E402
-from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer  # noqa: E402
+from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.generation.generate import GenerationParams, Request, generate
+from phi4rv.model import Phi4RV
+from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
 
 TARGET_RATIO_B1 = 1.5
 TARGET_ROOFLINE = 0.60

@@ -45,13 +45,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, print_table, write_json  # noqa: E402
+from common import cpu_model, print_table, write_json
 
-from phi4rv.checkpoint import load_model, save_checkpoint  # noqa: E402
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from phi4rv.generation.generate import GenerationParams, Request, generate  # noqa: E402
-from phi4rv.model import Phi4RV  # noqa: E402
-from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer  # noqa: E402
+from phi4rv.checkpoint import load_model, save_checkpoint
+from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.generation.generate import GenerationParams, Request, generate
+from phi4rv.model import Phi4RV
+from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
 
 OUTTYPES = ("f32", "bf16", "q8_0")
 
@@ -256,7 +256,7 @@ def main() -> None:
           f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}")
     print(f"model: {n_params / 1e6:.0f}M decoder parameters (vocab {NUM_REGULAR + 96}), prompt {args.prompt_tokens} ids, "
           f"{n} new tokens greedy, {args.repeats} timed rounds after 1 warm-up, sides alternating")
-    print(f"conversion of phi4rv's save, unedited: " + ", ".join(f"{t} {s:.1f} s" for t, s in converted.items())
+    print("conversion of phi4rv's save, unedited: " + ", ".join(f"{t} {s:.1f} s" for t, s in converted.items())
           + f", mmproj {mmproj_s:.1f} s; tokenizer.ggml.pre = {pre!r} (Phi-4's is 'dbrx')")
     print(f"llama.cpp KV cache: {'f16 for all' if args.f16_cache else 'f32 for the f32 model, f16 (its default) for the others'}")
     print(f"vision projector: llama.cpp's mtmd {'loads it and reports vision support' if projector_ok else 'REFUSES it'}")

@@ -30,11 +30,21 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_common_args, bench, machine, peak_rss_mib, print_machine, print_table, reset_peak_rss, rss_mib, setup, sync, write_json,
+from common import (
+    add_common_args,
+    bench,
+    machine,
+    peak_rss_mib,
+    print_machine,
+    print_table,
+    reset_peak_rss,
+    rss_mib,
+    setup,
+    sync,
+    write_json,
 )
 
-from phi4rv.train.loss import chunked_cross_entropy  # noqa: E402
+from phi4rv.train.loss import chunked_cross_entropy
 
 SIDES = ("full", "chunked")
 

@@ -17,7 +17,6 @@ Mind the machine: the total is about world x the per-process figure; check `free
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -29,15 +28,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_machine, print_table, write_json  # noqa: E402
+import torch
+import yaml
+from common import machine, print_machine, print_table, write_json
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from phi4rv.data.formats import write_jsonl  # noqa: E402
-from phi4rv.train.config import load_config  # noqa: E402
-from phi4rv.train.plan import GiB, plan_memory  # noqa: E402
-from phi4rv.train.toy import add_sample  # noqa: E402
+from phi4rv.data.formats import write_jsonl
+from phi4rv.train.config import load_config
+from phi4rv.train.plan import GiB, plan_memory
+from phi4rv.train.toy import add_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = {"lora": {"lora": 1e-4}, "full": {"vision": 1e-5, "projector": 1e-5, "decoder": 1e-5},

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, print_table  # noqa: E402
+from common import cpu_model, print_table
 
-from phi4rv.checkpoint import load_model, save_checkpoint  # noqa: E402
-from phi4rv.config import preset  # noqa: E402
-from phi4rv.model import Phi4RV  # noqa: E402
+from phi4rv.checkpoint import load_model, save_checkpoint
+from phi4rv.config import preset
+from phi4rv.model import Phi4RV
 
 VARIANTS = {  # name: (dtype, quantize)
     "fp32": ("float32", None),

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_rates, print_rates  # noqa: E402
+from common import machine_rates, print_rates
 
 SIZES = [None, (64, 64), (800, 600), (1024, 680), (1280, 720)]  # None = text only
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import bodies, machine, start  # noqa: E402
+from serve_load import bodies, machine, start
 
 
 def rss_bytes(pid: int) -> int:

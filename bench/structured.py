@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, machine, print_machine, print_table, setup, write_json  # noqa: E402
+from common import add_common_args, machine, print_machine, print_table, setup, write_json
 
-from phi4rv.config import preset  # noqa: E402
-from phi4rv.generation.core import GenerationParams, Request  # noqa: E402
-from phi4rv.generation.generate import generate  # noqa: E402
-from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar  # noqa: E402
-from phi4rv.generation.sampling import SamplingParams  # noqa: E402
-from phi4rv.model import Phi4RV  # noqa: E402
-from phi4rv.processing.chat import encode_chat  # noqa: E402
-from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer  # noqa: E402
+from phi4rv.config import preset
+from phi4rv.generation.core import GenerationParams, Request
+from phi4rv.generation.generate import generate
+from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar
+from phi4rv.generation.sampling import SamplingParams
+from phi4rv.model import Phi4RV
+from phi4rv.processing.chat import encode_chat
+from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"},
                                            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}},

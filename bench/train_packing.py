@@ -51,15 +51,23 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_common_args, machine, machine_rates, print_machine, print_rates, print_table, setup, sync, write_json,
+from common import (
+    add_common_args,
+    machine,
+    machine_rates,
+    print_machine,
+    print_rates,
+    print_table,
+    setup,
+    sync,
+    write_json,
 )
 
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from phi4rv.data.dataset import Example  # noqa: E402
-from phi4rv.data.packing import collate, pack_plan, pad_plan  # noqa: E402
-from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV  # noqa: E402
-from phi4rv.processing.image import ImageProcessorConfig, naflex_size  # noqa: E402
+from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.data.dataset import Example
+from phi4rv.data.packing import collate, pack_plan, pad_plan
+from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV
+from phi4rv.processing.image import ImageProcessorConfig, naflex_size
 
 SIDES = ("packed", "padded", "padded, length-grouped", "padded, token budget", "padded + padded images")
 DEFAULT_SIDES = SIDES[:4]

@@ -31,13 +31,21 @@ import torch
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_common_args, bench, machine, machine_rates, print_machine, print_rates, print_table, setup, write_json,
+from common import (
+    add_common_args,
+    bench,
+    machine,
+    machine_rates,
+    print_machine,
+    print_rates,
+    print_table,
+    setup,
+    write_json,
 )
 
-from phi4rv.config import VisionConfig  # noqa: E402
-from phi4rv.model import VisionEncoder  # noqa: E402
-from phi4rv.processing.image import ImageProcessorConfig, naflex_size  # noqa: E402
+from phi4rv.config import VisionConfig
+from phi4rv.model import VisionEncoder
+from phi4rv.processing.image import ImageProcessorConfig, naflex_size
 
 # A realistic mix: (name, width, height) of the original images.
 IMAGES = [("screenshot", 1280, 720), ("chart", 800, 600), ("photo", 1024, 680), ("icon", 64, 64)]

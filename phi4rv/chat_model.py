@@ -19,9 +19,9 @@ import torch
 
 from phi4rv.checkpoint import load_model
 from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate, generate_stream
-from phi4rv.model.vlm import Phi4RV
 from phi4rv.generation.grammar import Grammar
 from phi4rv.generation.sampling import SamplingParams
+from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import (
     MODES,
     NOTHINK_TOKEN,

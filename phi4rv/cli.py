@@ -264,10 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)
-    from phi4rv.train.cli import register as _reg_train; _reg_train(sub)  # noqa: E702
-    from phi4rv.eval.cli import register as _reg_eval; _reg_eval(sub)  # noqa: E702
-    from phi4rv.data.cli import register as _reg_data; _reg_data(sub)  # noqa: E702
-    from phi4rv.recipe.cli import register as _reg_recipe; _reg_recipe(sub)  # noqa: E702
+    from phi4rv.data.cli import register as register_data
+    from phi4rv.eval.cli import register as register_eval
+    from phi4rv.recipe.cli import register as register_recipe
+    from phi4rv.train.cli import register as register_train
+
+    for register in (register_train, register_eval, register_data, register_recipe):
+        register(sub)
     return p
 
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from hf_reference import hf_phi3, hf_siglip2
 from safetensors.torch import load_file, save_file
 from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
-from hf_reference import hf_phi3, hf_siglip2
 from phi4rv.checkpoint import VISION_PREFIX, CheckpointError, load_model, save_checkpoint
 from phi4rv.config import preset
 from phi4rv.model import Phi4RV

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-
 from phi4rv.cli import main
 
 

@@ -380,7 +380,7 @@ def test_geometry_answers_follow_from_scene():
         assert a == pytest.approx(want)
     for s in samples("math_expr", seeds=range(12)):
         expr = " ".join(s.meta["scene"]["tokens"][:-2])
-        assert int(s.meta["answer"]) == eval(expr)  # noqa: S307  (our own digits and + - * ( ))
+        assert int(s.meta["answer"]) == eval(expr)
 
 
 # ---- captions and multi-image sets -------------------------------------------------------------

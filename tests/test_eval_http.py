@@ -8,13 +8,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from test_eval_data import BUILDERS, CORRECT, build_all
 
 from phi4rv.cli import main
 from phi4rv.eval.backends import HTTPBackend, Query
 from phi4rv.eval.records import read_records, records_path
 from phi4rv.eval.runner import RunConfig, load_task, run_eval
 from phi4rv.eval.tasks import get_task
-from test_eval_data import BUILDERS, CORRECT, build_all
 
 THINKING = "First guess: (A), or maybe 999 at [0.9, 0.9, 1.0, 1.0]. No."
 

@@ -5,6 +5,7 @@ plumbing; scoring correctness is covered with canned outputs in test_eval_data /
 import json
 
 import pytest
+from test_eval_data import build_ai2d, build_synthetic, png
 
 import phi4rv.generation.generate as gen_module
 from phi4rv.cli import main
@@ -12,7 +13,6 @@ from phi4rv.eval.backends import LocalBackend, Query
 from phi4rv.eval.records import read_records, records_path
 from phi4rv.eval.runner import select
 from phi4rv.eval.tasks import EvalSample
-from test_eval_data import build_ai2d, build_synthetic, png
 
 MAX_NEW = 6
 

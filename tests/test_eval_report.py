@@ -6,14 +6,14 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_eval_data import CORRECT, WRONG, build_all
+from test_eval_http import backend, stub, teach  # noqa: F401  (stub is a fixture)
 
 from phi4rv.cli import main
 from phi4rv.eval.records import records_path
 from phi4rv.eval.report import frontier
 from phi4rv.eval.runner import RunConfig, run_eval
 from phi4rv.eval.tasks import PAPER_AVERAGE, get_task
-from test_eval_data import CORRECT, WRONG, build_all
-from test_eval_http import backend, stub, teach  # noqa: F401  (stub is a fixture)
 
 TASKS = [*PAPER_AVERAGE, "ai2d"]
 

@@ -5,7 +5,15 @@ import json
 import pytest
 from PIL import Image
 
-from phi4rv.data.formats import DatasetFormatError, Sample, mark_nothink, mode_of, read_samples, write_jsonl, write_parquet
+from phi4rv.data.formats import (
+    DatasetFormatError,
+    Sample,
+    mark_nothink,
+    mode_of,
+    read_samples,
+    write_jsonl,
+    write_parquet,
+)
 
 
 def png(color) -> bytes:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from hf_reference import hf_phi3
+
 from phi4rv.chat_model import ChatModel, MarkerSplitter
 from phi4rv.generation.generate import FORCED_CLOSE, GenerationParams, Request, generate, generate_stream
 from phi4rv.generation.sampling import SamplingParams, sample

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from release_files import layout_differences
 
 from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.config import preset
@@ -14,7 +15,6 @@ from phi4rv.train import loop
 from phi4rv.train.config import load_config
 from phi4rv.train.metrics import read_metrics
 from phi4rv.train.toy import TINY_OVERRIDES, build_byte_tokenizer, toy_config, write_toy
-from release_files import layout_differences
 
 
 def tiny(vocab=352) -> Phi4RV:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from hf_reference import hf_phi3, hf_siglip2
+
 from phi4rv.config import DecoderConfig, VisionConfig
 from phi4rv.model import Decoder, VisionEncoder
 from phi4rv.model.vlm import attention_mask, default_positions

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from release_files import FILES, FIXTURES, differences, layout_differences, release_file
 
 from phi4rv.checkpoint import load_model, save_checkpoint, write_metadata
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.processing.tokenizer import Tokenizer
-from release_files import FILES, FIXTURES, differences, layout_differences, release_file
 
 REFERENCE = FIXTURES.parent.parent.parent / "shared" / "reference"
 

@@ -6,6 +6,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from test_serve import Server
 
 from phi4rv.chat_model import ChatModel
 from phi4rv.generation.core import GenerationParams
@@ -14,7 +15,6 @@ from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.chat import ground
 from phi4rv.processing.image import image_size
-from test_serve import Server
 
 PERSON = {
     "type": "object",

@@ -10,10 +10,10 @@ import time
 import httpx
 import pytest
 from PIL import Image
+from test_serve import Server, post
 
 from phi4rv.chat_model import ChatModel
 from phi4rv.processing.chat import encode_chat
-from test_serve import Server, post
 
 
 def png(w=32, h=32) -> bytes:

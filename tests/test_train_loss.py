@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from phi4rv.config import preset
-from phi4rv.data.packing import collate
 from phi4rv.data.dataset import Example
+from phi4rv.data.packing import collate
 from phi4rv.model.vlm import IGNORE_INDEX, Phi4RV
 from phi4rv.train.loop import loss_terms
 from phi4rv.train.loss import chunked_cross_entropy

@@ -5,7 +5,7 @@ import pytest
 from phi4rv.cli import main
 from phi4rv.train.config import ConfigError, load_config
 from phi4rv.train.loop import load_tokenizer, model_config, run
-from phi4rv.train.plan import GiB, parse_size, plan_memory
+from phi4rv.train.plan import parse_size, plan_memory
 from phi4rv.train.toy import toy_config, write_toy
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from phi4rv.data.formats import Sample, mark_nothink, mode_of
-from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 from phi4rv.processing.chat import encode_chat
 from phi4rv.processing.image import ImageError, ImageProcessorConfig, image_size, naflex_size, process_image
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 
 Grid = tuple[int, int]
 

@@ -17,6 +17,7 @@ from phi4rv.model.projector import build_projector
 from phi4rv.model.vision import Grid, VisionEncoder
 from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens  # noqa: F401  (re-exported)
 
+
 def attention_mask(
     key_valid: torch.Tensor,  # [B, S] bool: real (not padding) positions
     q_len: int,

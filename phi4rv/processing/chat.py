@@ -21,8 +21,8 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 
 IMAGE_TOKEN = "<image>"
 THINK_START = "<think>"

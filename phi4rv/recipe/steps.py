@@ -126,7 +126,7 @@ def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
     from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
     from phi4rv.train.loop import image_config
 
-    p, d = r.p, r.p.difficulty()
+    p = r.p
     base = load_model(json.loads((r.steps_dir / "stage0_decoder.json").read_text())["checkpoint"])
     image_cfg = image_config(base.cfg)
     pairs = [(s.images[0], s.meta["answer"]) for s in read_samples(r.data("captions"))]

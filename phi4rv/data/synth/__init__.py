@@ -35,8 +35,8 @@ comma-separated image numbers or letters ("2, 3, 1"). Difficulty presets: "tiny"
 
 from __future__ import annotations
 
-from phi4rv.data.synth import captions, cards, charts, geometry, multi, tables, ui
 from phi4rv.data.formats import Sample
+from phi4rv.data.synth import captions, cards, charts, geometry, multi, tables, ui
 from phi4rv.data.synth.common import (
     DIFFICULTIES,
     Difficulty,
