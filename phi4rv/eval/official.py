@@ -13,6 +13,8 @@ import re
 import string
 from collections.abc import Sequence
 
+from phi4rv.eval.scoring import edit_distance
+
 RULES = ("official", "lenient")
 
 
@@ -149,16 +151,6 @@ def mmmu_eval_open(golds: Sequence[str], preds: Sequence[str | float]) -> bool:
 # ---- MathVista (lupantech/MathVista `evaluation/calculate_score.py`) ---------------------------
 
 
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def mathvista_normalize(extraction: str, choices: Sequence[str] | None, answer_type: str,
                         precision: int | None) -> str | None:
     """`normalize_extracted_answer`: multiple choice → the letter in "(X)" or a bare letter picks
@@ -174,7 +166,7 @@ def mathvista_normalize(extraction: str, choices: Sequence[str] | None, answer_t
         letters = [chr(65 + i) for i in range(len(choices))]
         if extraction in letters:
             return choices[letters.index(extraction)]
-        dists = [levenshtein(extraction, c) for c in choices]
+        dists = [edit_distance(extraction, c) for c in choices]
         return choices[dists.index(min(dists))]
     try:
         if answer_type == "integer":

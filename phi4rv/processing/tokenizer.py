@@ -279,8 +279,9 @@ class Tokenizer:
         offsets: list[tuple[int, int]] = []
         pos = 0
         for a, b in [*cuts, (len(text), len(text))]:
-            for tok, start, end in ((self._tok, pos, a), (self._plain_tokenizer(), a, b)):
-                if end > start:
+            for plain, start, end in ((False, pos, a), (True, a, b)):
+                if end > start:  # the plain tokenizer is built only when user text spells a control token
+                    tok = self._plain_tokenizer() if plain else self._tok
                     enc = tok.encode(text[start:end], add_special_tokens=False)
                     ids += enc.ids
                     offsets += [(start + x, start + y) for x, y in enc.offsets]
