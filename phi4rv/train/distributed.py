@@ -74,6 +74,7 @@ def init_distributed(device: str = "auto") -> Dist:
 
 def shutdown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        dist.barrier()  # no rank tears down its gloo pairs while another still uses them
         dist.destroy_process_group()
 
 
