@@ -11,7 +11,12 @@ available to us; RELEASE_TOKENIZER_CONFIG below is written down from public sour
   "<|dummy_85|>", which are the release's config.json ids 100257 / 100265 / 100349.
 - `model_max_length`: the release's config.json `tokenizer_model_max_length` (8192).
 - the ids 100256..100351 and their names: Phi-4's layout (torchtune's PHI4_SPECIAL_TOKENS,
-  microsoft/phi-4 added_tokens.json), all special, none normalized or stripped.
+  microsoft/phi-4 added_tokens.json), special, none normalized or stripped; except that
+  Phi-4-reasoning turned two placeholders into `<think>` / `</think>` (single tokens: the release's
+  sample.ipynb appends "<think>" to a think-mode prompt and steps back exactly one token to keep it
+  in the decoded output, which `skip_special_tokens=True` would drop were it special). The slots,
+  100280 / 100281 (`<|dummy_16|>` / `<|dummy_17|>` in Phi-4), are written from memory of
+  Phi-4-reasoning's tokenizer files and could not be checked offline.
 - add_bos_token / add_eos_token / add_prefix_space / clean_up_tokenization_spaces / errors /
   unk_token: the values Phi-4's GPT2Tokenizer files carry (no BOS added; GPT-2's byte-level
   defaults), not verified against the release's own file.
@@ -26,7 +31,8 @@ from typing import Any
 FIXTURES = Path(__file__).parent / "fixtures"
 FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
-# Phi-4's named special tokens; every other id in 100256..100351 is `<|dummy_N|>`, N counting up.
+# Phi-4's named special tokens; every other id in 100256..100351 is `<|dummy_N|>`, N counting up
+# (the two reasoning markers take their placeholders' slots and numbers).
 _NAMED = {
     100257: "<|endoftext|>",
     100258: "<|fim_prefix|>",
@@ -37,6 +43,7 @@ _NAMED = {
     100266: "<|im_sep|>",
     100276: "<|endofprompt|>",
 }
+_REASONING = {100280: "<think>", 100281: "</think>"}
 
 
 def _added_tokens_decoder() -> dict[str, dict]:
@@ -45,9 +52,9 @@ def _added_tokens_decoder() -> dict[str, dict]:
         if i in _NAMED:
             name = _NAMED[i]
         else:
-            name, dummy = f"<|dummy_{dummy}|>", dummy + 1
+            name, dummy = _REASONING.get(i, f"<|dummy_{dummy}|>"), dummy + 1
         out[str(i)] = {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                       "single_word": False, "special": True}
+                       "single_word": False, "special": i not in _REASONING}
     return out
 
 

@@ -97,9 +97,12 @@ def test_thinking_budget_forces_the_close(cm):
     [g] = generate(cm.model, cm.tokenizer, [req], greedy(40, thinking_budget=7))
     assert "</think>" not in cm.tokenizer.decode(g.token_ids[:7])
     assert g.token_ids[7 : 7 + len(forced)] == forced
-    assert g.thinking_tokens == 7 + len(forced)
+    # Thinking tokens: the budget, then the forced tokens up to the one that writes `</think>`.
+    closing = next(n for n in range(1, len(forced) + 1) if "</think>" in cm.tokenizer.decode(forced[:n]))
+    assert closing < len(forced)  # the single-token marker: the blank line after it is answer text
+    assert g.thinking_tokens == 7 + closing
     r = cm.chat([{"role": "user", "content": "Think about it."}], mode="think", params=greedy(40, thinking_budget=7))
-    assert r.usage["thinking_tokens"] == 7 + len(forced)
+    assert r.usage["thinking_tokens"] == 7 + closing
     assert r.thinking and "</think>" not in r.answer and r.mode == "think"
 
 

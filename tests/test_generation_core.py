@@ -23,6 +23,30 @@ def cm(tiny_ckpt):
     return ChatModel.load(tiny_ckpt, device="cpu")
 
 
+@pytest.fixture(scope="module")
+def text_markers_cm(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint with Phi-4's placeholders back in the reasoning markers' slots, so that
+    `<think>` / `</think>` are several ordinary tokens (a tokenizer without the markers)."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("text_markers") / "model"
+    shutil.copytree(tiny_ckpt, path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    for added in spec["added_tokens"]:
+        if added["content"] in (THINK_START, THINK_END):
+            added.update(content=f"<|dummy_{added['id'] - 100264}|>", special=True)
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    loaded = ChatModel.load(path, device="cpu")
+    assert len(loaded.tokenizer.encode(THINK_START)) > 1
+    return loaded
+
+
+@pytest.fixture(params=["single-token markers", "text markers"])
+def any_cm(request, cm, text_markers_cm):
+    return cm if request.param == "single-token markers" else text_markers_cm
+
+
 def req(cm, text, images=(), mode="auto"):
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
     return cm.prepare([{"role": "user", "content": content}], list(images), mode)[0]
@@ -103,7 +127,8 @@ def prefer(model, token: int) -> nn.Module:
     return model
 
 
-def test_forced_nothink_never_opens_a_reasoning_block(cm):
+def test_forced_nothink_never_opens_a_reasoning_block(any_cm):
+    cm = any_cm
     model = prefer(cm.model, cm.tokenizer.encode(THINK_START)[0])
     r = req(cm, "Think hard: 17 * 23?", mode="nothink")
     assert generate(model, cm.tokenizer, [req(cm, "Think hard: 17 * 23?", mode="auto")], params(4))[0].text.startswith("<")
@@ -111,13 +136,14 @@ def test_forced_nothink_never_opens_a_reasoning_block(cm):
     assert not g.text.lstrip().startswith(THINK_START) and g.thinking_tokens == 0
 
 
-def test_forced_think_writes_reasoning_before_closing(cm):
+def test_forced_think_writes_reasoning_before_closing(any_cm):
+    cm = any_cm
     model = prefer(cm.model, cm.tokenizer.encode(THINK_END)[0])
     r = req(cm, "What colour is the sky?", mode="think")
     free = generate(model, cm.tokenizer, [req(cm, "What colour is the sky?", mode="auto")], params(2))[0]
     assert free.token_ids[0] == cm.tokenizer.encode(THINK_END)[0]  # unbound, it would close at once
     g = generate(model, cm.tokenizer, [r], params(6))[0]
-    assert g.token_ids[0] != cm.tokenizer.encode(THINK_END)[0] and g.text[:1].strip()
+    assert g.token_ids[0] != cm.tokenizer.encode(THINK_END)[0] and g.text.split(THINK_END)[0].strip()
 
 
 def test_prefix_store_keys_by_image_content_not_placeholders(cm):
@@ -211,25 +237,7 @@ def test_image_hash_differs_for_different_pixels(images_dir):
     assert image_hash(a) != image_hash(b) and image_hash(a) == image_hash(process_image(images_dir / "photo.jpg", cfg))
 
 
-@pytest.fixture(scope="module")
-def think_tokens_ckpt(tiny_ckpt, tmp_path_factory):
-    """The tiny checkpoint with `<think>` / `</think>` as single added tokens in two placeholder
-    slots (Phi-4-reasoning repurposed two placeholders this way; the slots here are an assumption)."""
-    import json
-    import shutil
-
-    path = tmp_path_factory.mktemp("think_tokens") / "model"
-    shutil.copytree(tiny_ckpt, path)
-    spec = json.loads((path / "tokenizer.json").read_text())
-    for added in spec["added_tokens"]:
-        if added["content"] in ("<|dummy_16|>", "<|dummy_17|>"):
-            added.update(content="<think>" if added["content"] == "<|dummy_16|>" else "</think>", special=False)
-    (path / "tokenizer.json").write_text(json.dumps(spec))
-    return path
-
-
-def test_single_token_markers_bind_split_and_budget(think_tokens_ckpt):
-    cm = ChatModel.load(think_tokens_ckpt, device="cpu")
+def test_release_tokenizer_has_single_token_markers_that_bind_split_and_budget(cm):
     open_id, close_id = cm.tokenizer.encode(THINK_START), cm.tokenizer.encode(THINK_END)
     assert len(open_id) == len(close_id) == 1 and open_id != close_id
     # nothink: the reasoning markers are banned wherever they would come.

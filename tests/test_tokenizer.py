@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -39,7 +40,7 @@ CORPUS = [
     "zero\u200bwidth\u00a0nbsp\u3000ideographic\u2003em space",
     "combining e\u0301 and a\u0308 marks",
     "\x00\x01control\x7f chars",
-    "<think> not a special token </think>",
+    "<think> a single token each </think>",
     "<|not_special|> <| im_start |>",
 ]
 
@@ -74,7 +75,7 @@ def _expected_specials() -> dict[int, str]:
             out[i] = f"<|dummy_{i - 100260}|>"
         elif 100267 <= i <= 100275:
             out[i] = f"<|dummy_{i - 100263}|>"
-        else:
+        elif i not in (100280, 100281):  # Phi-4's <|dummy_16|> / <|dummy_17|>: the reasoning markers
             out[i] = f"<|dummy_{i - 100264}|>"
     return out
 
@@ -92,8 +93,12 @@ def cl100k():
 
 
 def test_encoding_equals_tiktoken_on_corpus(tok, cl100k):
+    markers = {"<think>": 100280, "</think>": 100281}
     for text in CORPUS:
-        assert tok.encode(text) == cl100k.encode_ordinary(text), text
+        expected = []
+        for n, part in enumerate(re.split(r"(</?think>)", text)):
+            expected += [markers[part]] if n % 2 else cl100k.encode_ordinary(part)
+        assert tok.encode(text) == expected, text
 
 
 def test_encoding_equals_tiktoken_on_random_text(tok, cl100k):
@@ -128,12 +133,6 @@ def test_bos_eos_pad_come_from_the_config(tok, tok_dir):
     assert config["bos_token"] == "<|endoftext|>" and config["pad_token"] == "<|dummy_85|>"
     assert config["added_tokens_decoder"]["100348"]["content"] == "<|dummy_84|>"
     assert tok.special_tokens()["eos_token"] == "<|im_end|>"
-
-
-def test_think_markers_are_plain_text(tok):
-    assert len(tok.encode("<think>")) > 1
-    with pytest.raises(KeyError, match="not in the vocabulary"):
-        tok.token_id("<think>")
 
 
 def test_decode_round_trips(tok):
@@ -225,3 +224,15 @@ def test_stream_decoder_matches_decode_on_random_ids(tok):
 def test_decode_rejects_image_placeholders(tok):
     with pytest.raises(ValueError, match="negative id -200"):
         tok.decode([15339, -200])
+
+
+def test_reasoning_markers_are_single_ordinary_tokens_in_their_placeholder_slots(tok_dir):
+    """Phi-4-reasoning's `<think>` / `</think>` are one token each (the release's sample steps back
+    exactly one token after appending "<think>"), in two of Phi-4's placeholder slots; not special,
+    so decoding with skip_special keeps them. The placeholders around them keep their names."""
+    tok = Tokenizer.from_dir(tok_dir)
+    assert tok.encode("<think>") == [100280] and tok.encode("</think>") == [100281]
+    assert tok.encode("<think>\nx</think>") == [100280, 198, 87, 100281]
+    assert not tok.is_special(100280) and not tok.is_special(100281) and tok.is_special(100348)
+    assert tok.decode([100280, 87, 100281, 100265], skip_special=True) == "<think>x</think>"
+    assert tok.encode("<|dummy_15|><|dummy_18|><|dummy_84|>") == [100279, 100282, 100348]

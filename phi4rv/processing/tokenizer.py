@@ -44,15 +44,25 @@ CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 
 
-def phi4_special_tokens() -> list[str]:
-    """The 96 special tokens of ids 100256..100351, in id order."""
+# Phi-4-reasoning writes its reasoning markers as single tokens in two placeholder slots (the
+# release's sample script appends "<think>" to a prompt and counts it as one token). They are
+# ordinary added tokens, not special: decoding with skip_special keeps them in the text.
+REASONING_TOKENS = {100280: "<think>", 100281: "</think>"}
+
+
+def phi4_added_tokens() -> list[AddedToken]:
+    """The 96 added tokens of ids 100256..100351, in id order: Phi-4's special tokens, the
+    `<|dummy_N|>` placeholders (N counts every slot that is not named) and the reasoning markers."""
     tokens, dummy = [], 0
     for i in range(NUM_REGULAR, VOCAB_SIZE):
         if i in _NAMED_SPECIALS:
-            tokens.append(_NAMED_SPECIALS[i])
+            content = _NAMED_SPECIALS[i]
         else:
-            tokens.append(f"<|dummy_{dummy}|>")
+            content = REASONING_TOKENS.get(i, f"<|dummy_{dummy}|>")
             dummy += 1
+        special = i not in REASONING_TOKENS
+        tokens.append(AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                                 single_word=False))
     return tokens
 
 
@@ -160,10 +170,7 @@ def build_phi4_tokenizer(
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    specials = phi4_special_tokens()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False) for t in specials]
-    )
+    tok.add_tokens(phi4_added_tokens())
     if tok.get_vocab_size(with_added_tokens=True) != VOCAB_SIZE or tok.token_to_id("<|im_end|>") != 100265:
         raise RuntimeError("special tokens did not land on Phi-4's ids")
 

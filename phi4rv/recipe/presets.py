@@ -67,7 +67,7 @@ PRESETS = {
         model={"decoder.hidden_size": 32, "decoder.intermediate_size": 64, "decoder.num_hidden_layers": 1,
                "vision.hidden_size": 32, "vision.intermediate_size": 64, "vision.num_hidden_layers": 2,
                "min_num_patches": 4, "max_num_patches": 64},
-        contrastive_steps=3, contrastive_batch=16, instruction_epochs=2, max_new_tokens=12, eval_batch=8, batch_tokens=512,
+        contrastive_steps=3, contrastive_batch=16, instruction_epochs=6, max_new_tokens=12, eval_batch=8, batch_tokens=512,
     ),
 }
 

@@ -27,8 +27,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from phi4rv.data.formats import Sample, write_jsonl
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
@@ -37,7 +37,7 @@ from phi4rv.processing.tokenizer import (
     TEMPLATE_FILE,
     TOKENIZER_FILE,
     bytes_to_unicode,
-    phi4_special_tokens,
+    phi4_added_tokens,
     release_tokenizer_config,
 )
 
@@ -82,7 +82,7 @@ def build_byte_tokenizer(out_dir: str | Path, chat_template: str = TOY_TEMPLATE,
                                       show_progress=False)
         tok.train_from_iterator(corpus, trainer)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in phi4_special_tokens()])
+    tok.add_tokens(phi4_added_tokens())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / TOKENIZER_FILE))
