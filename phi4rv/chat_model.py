@@ -248,7 +248,7 @@ class ChatModel:
         the pixels of `image` as given (None when the answer holds no valid box)."""
         params = params or self.params(max_new_tokens=64, sampling=SamplingParams(temperature=0))
         if params.grammar is None:  # the answer is a box in the release's format, always
-            params = replace(params, grammar=Grammar(BOX_PATTERN, self.tokenizer))
+            params = replace(params, grammar=Grammar.compile(BOX_PATTERN, self.tokenizer))
         result = self.chat([{"role": "user", "content": grounding_prompt(target)}], [image], "nothink", params)
         width, height = image_size(image)
         return ground(result.answer, width, height), result

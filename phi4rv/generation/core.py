@@ -206,12 +206,12 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
         masked = raw.cpu().numpy().copy()
         for i, s in enumerate(seqs):
             if constrained[i]:
-                allowed = s.constraint.allowed(masked.shape[-1], s.params.max_new_tokens - s.state.n)
+                outside = s.constraint.banned(masked.shape[-1], s.params.max_new_tokens - s.state.n)
                 m = s.state.markers
-                if s.state.mode == "auto" and s.state.n == 0 and m.open is not None:
-                    allowed = allowed.copy()
-                    allowed[m.open] = True  # auto may still open a reasoning block first
-                masked[i][~allowed] = -np.inf
+                if s.state.mode == "auto" and s.state.n == 0 and m.open is not None and outside[m.open]:
+                    outside = outside.copy()
+                    outside[m.open] = False  # auto may still open a reasoning block first
+                np.copyto(masked[i], -np.inf, where=outside)
             if banned[i]:
                 masked[i, banned[i]] = -np.inf
         logits = torch.from_numpy(masked).to(raw.device)

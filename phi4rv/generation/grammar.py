@@ -9,6 +9,7 @@ its own `Constraint`. Only the answer is constrained: the reasoning inside `<thi
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import lru_cache
 
 import numpy as np
@@ -23,6 +24,9 @@ JSON_OBJECT_SCHEMA = {
     "additionalProperties": {"anyOf": [_SCALAR, {"type": "array", "items": _SCALAR},
                                        {"type": "object", "additionalProperties": _SCALAR}]},
 }
+
+
+MASK_CACHE = 64  # grammar states whose banned-token masks a Grammar keeps (vocabulary-sized bools each)
 
 
 class GrammarError(ValueError):
@@ -75,6 +79,11 @@ def _index(pattern: str, vocabulary: _Vocabulary):
         raise GrammarError(f"cannot compile the grammar: {e}") from None
 
 
+@lru_cache(maxsize=64)
+def _grammar(pattern: str, vocabulary: _Vocabulary, tokenizer: Tokenizer) -> Grammar:
+    return Grammar(pattern, tokenizer)
+
+
 class Grammar:
     """A compiled language over a tokenizer's tokens (shared, read-only)."""
 
@@ -85,6 +94,25 @@ class Grammar:
         self._transitions: dict[int, dict[int, int]] | None = None
         self._distance: dict[int, int] = {}
         self._closing: dict[int, np.ndarray | None] = {}
+        self._banned: OrderedDict[int, np.ndarray] = OrderedDict()  # a few recent states' masks
+
+    def banned_mask(self, guide, state: int, vocab_size: int) -> np.ndarray:
+        """[vocab_size] bool: the tokens that would leave the language from `state` (read-only).
+        Decoding keeps revisiting a few states (inside a string, between items), so the masks of
+        the last `MASK_CACHE` states are kept."""
+        mask = self._banned.get(state)
+        if mask is None or mask.size != vocab_size:
+            words = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+            guide.write_mask_into(words.ctypes.data, words.size, 4)
+            mask = np.unpackbits(words.view(np.uint8), bitorder="little")[:vocab_size].view(np.bool_)
+            np.logical_not(mask, out=mask)
+            mask.flags.writeable = False
+            self._banned[state] = mask
+            if len(self._banned) > MASK_CACHE:
+                self._banned.popitem(last=False)
+        else:
+            self._banned.move_to_end(state)
+        return mask
 
     def distance(self, state: int) -> int:
         """Fewest tokens from `state` to a complete text (a large number if none)."""
@@ -107,21 +135,28 @@ class Grammar:
         return self._distance.get(state, 1 << 30)
 
     def closing_mask(self, state: int, vocab_size: int) -> np.ndarray | None:
-        """[vocab_size] bool: the tokens from `state` that bring the text one token closer to
-        complete (None if there are none)."""
+        """[vocab_size] bool: the tokens from `state` that do not bring the text one token closer
+        to complete (None if none does)."""
         if state not in self._closing:
             d = self.distance(state)
             ids = [t for t, b in self._transitions.get(state, {}).items() if self.distance(b) < d]
             mask = None
             if ids:
-                mask = np.zeros(vocab_size, dtype=np.bool_)
-                mask[ids] = True
+                mask = np.ones(vocab_size, dtype=np.bool_)
+                mask[ids] = False
+                mask.flags.writeable = False
             self._closing[state] = mask
         return self._closing[state]
 
     @classmethod
     def from_schema(cls, schema: dict, tokenizer: Tokenizer) -> Grammar:
-        return cls(schema_regex(schema), tokenizer)
+        return cls.compile(schema_regex(schema), tokenizer)
+
+    @classmethod
+    def compile(cls, pattern: str, tokenizer: Tokenizer) -> Grammar:
+        """The shared Grammar of `pattern` (its distance table and masks are reused by every
+        request that asks for the same language)."""
+        return _grammar(pattern, _Vocabulary.of(tokenizer), tokenizer)
 
     def start(self) -> Constraint:
         return Constraint(self)
@@ -135,27 +170,22 @@ class Constraint:
 
         self.grammar = grammar
         self.guide = Guide(grammar.index)
-        self._words: np.ndarray | None = None
 
-    def allowed(self, vocab_size: int, budget: int | None = None) -> np.ndarray:
-        """[vocab_size] bool: the tokens that keep the text in the language (eos once it is complete).
-        With `budget` tokens left (the closing eos included), once the text needs all of them to
-        complete, only tokens that bring it closer are allowed: the answer always completes when
-        it can."""
+    def banned(self, vocab_size: int, budget: int | None = None) -> np.ndarray:
+        """[vocab_size] bool, read-only: the tokens that would leave the language (eos is allowed
+        once the text is complete). With `budget` tokens left (the closing eos included), once the
+        text needs all of them to complete, only tokens that bring it closer are allowed: the
+        answer always completes when it can."""
         state = self.guide.get_state()
         if budget is not None and not self.guide.is_finished() and budget - 1 <= self.grammar.distance(state) + 1:
             closing = self.grammar.closing_mask(state, vocab_size)
             if closing is not None:
                 return closing
-        n = (vocab_size + 31) // 32
-        if self._words is None or self._words.size != n:
-            self._words = np.zeros(n, dtype=np.int32)
-        self.guide.write_mask_into(self._words.ctypes.data, n, 4)
-        return np.unpackbits(self._words.view(np.uint8), bitorder="little")[:vocab_size].view(np.bool_)
+        return self.grammar.banned_mask(self.guide, state, vocab_size)
 
     def advance(self, token: int) -> None:
         if token != self.grammar.eos:  # eos ends the text; the language has no transition for it
-            self.guide.advance(token)
+            self.guide.advance(token, return_tokens=False)  # the list of allowed tokens is not needed
 
     @property
     def finished(self) -> bool:
