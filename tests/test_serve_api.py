@@ -189,3 +189,52 @@ def test_chat_ground_cli_draws(tiny_ckpt, images_dir, tmp_path):
     found = json.loads(r.stdout)
     assert set(found) >= {"box", "pixels", "point"} and len(found["box"]) == 4
     assert Image.open(out).size == (960, 540)
+
+
+@pytest.fixture(scope="module")
+def release_client(tiny_ckpt, tmp_path_factory):
+    """A server on a checkpoint that carries the release's own chat template (no system turns, no
+    tool turns, string contents only)."""
+    import shutil
+    from pathlib import Path
+
+    path = tmp_path_factory.mktemp("release_template") / "model"
+    shutil.copytree(tiny_ckpt, path)
+    shutil.copy(Path(__file__).parent / "fixtures" / "chat_template.jinja", path / "chat_template.jinja")
+    s = Server(path, "--max-batch", "4", "--default-max-tokens", "96")
+    yield s.client()
+    s.stop()
+
+
+def test_structured_tools_and_responses_on_the_release_template(release_client):
+    client = release_client
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A person?"}],
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "person", "schema": PERSON}},
+                                       temperature=1.0, seed=0, max_tokens=96, reasoning_effort="none")
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+    # Tools: the template shows neither system nor tool turns; the tool list and the tool's result
+    # still reach the prompt (as user text), so each turn's prompt grows by them.
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    plain = client.chat.completions.create(model="tiny", messages=ask, max_tokens=1, reasoning_effort="none")
+    first = client.chat.completions.create(model="tiny", messages=ask, tools=[WEATHER], tool_choice="required",
+                                           max_tokens=64, reasoning_effort="none")
+    assert first.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the tool's description
+    call = first.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    result = "temperature 3 degrees, light snow, wind from the north-west"
+
+    def second_turn(content):
+        turn = [*ask, first.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": content}]
+        return client.chat.completions.create(model="tiny", messages=turn, tools=[WEATHER], tool_choice="none",
+                                              max_tokens=4, reasoning_effort="none")
+
+    second = second_turn(result)
+    assert second.usage.prompt_tokens >= second_turn("").usage.prompt_tokens + len(result.split())
+    assert second.choices[0].message.tool_calls is None
+
+    events = [e.type for e in client.responses.create(model="tiny", input="Hello", instructions="Be brief.",
+                                                      max_output_tokens=6, stream=True, reasoning={"effort": "none"})]
+    assert events[0] == "response.created" and events[-1] in ("response.completed", "response.incomplete")
