@@ -104,3 +104,25 @@ def test_loss_chunk_reports_its_figures(tmp_path):
     full, chunked = fig["memory"]["full"]["loss"], fig["memory"]["chunked"]["loss"]
     assert abs(full - chunked) <= 1e-3 * abs(full)  # bf16 matmuls on both sides: the same loss
     assert "less peak memory" in stdout
+
+
+def test_structured_ratios_come_from_the_timings(tmp_path):
+    _, fig = run_bench("structured", tmp_path, "--new-tokens", "6", "--batch", "1", "--warmup", "0")
+    free = sorted(fig["runs"]["free_b1"]["per_token_s"])
+    for side in ("free", "schema", "json_object"):
+        times = sorted(fig["runs"][f"{side}_b1"]["per_token_s"])
+        assert len(times) >= 3 and times[0] > 0
+        median = statistics.median(times) / statistics.median(free) - 1
+        assert fig["runs"][f"{side}_b1"]["overhead_median"] == pytest.approx(median, rel=1e-9, abs=1e-12)
+
+
+def test_memory_plan_error_is_plan_over_measured(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "memory_plan.py"), "--tiny", "--worlds", "1", "--steps", "1",
+                           "--json", str(out)], env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [row] = json.loads(out.read_text())["results"]
+    assert row["world"] == 1 and row["measured_gib"] > 0
+    assert row["plan_gib"] == pytest.approx(sum(row["plan_parts_gib"].values()), rel=1e-6)
+    assert row["error"] == pytest.approx(row["plan_gib"] / row["measured_gib"] - 1, abs=1e-2)
