@@ -22,27 +22,10 @@ from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, ge
 from phi4rv.generation.grammar import Grammar
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.model.vlm import Phi4RV
-from phi4rv.processing.chat import (
-    MODES,
-    NOTHINK_TOKEN,
-    THINK_END,
-    THINK_START,
-    Grounding,
-    encode_chat,
-    ground,
-    grounding_prompt,
-    parse_completion,
-)
+from phi4rv.processing.chat import MODES, Grounding, encode_chat, ground, grounding_prompt
 from phi4rv.processing.image import ImageProcessorConfig, ImageSource, image_size, process_image
+from phi4rv.processing.reasoning import CompletionSplitter, Delta, parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
-
-MARKERS = (THINK_START, THINK_END, NOTHINK_TOKEN)
-
-
-@dataclass
-class Delta:
-    kind: str  # "thinking" | "answer"
-    text: str
 
 
 @dataclass
@@ -68,38 +51,6 @@ class ChatResult:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-class MarkerSplitter:
-    """Turns streamed text into thinking / answer pieces, hiding the mode markers.
-
-    Text that might be the start of a marker is held back until it can be decided.
-    """
-
-    def __init__(self, thinking: bool):
-        self.thinking = thinking
-        self.buf = ""
-
-    def push(self, text: str, final: bool = False) -> list[Delta]:
-        self.buf += text
-        out: list[Delta] = []
-        while self.buf:
-            hits = [(i, m) for m in MARKERS if (i := self.buf.find(m)) >= 0]
-            if hits:
-                i, m = min(hits)
-                self._emit(out, self.buf[:i])
-                self.buf = self.buf[i + len(m) :]
-                self.thinking = m == THINK_START
-                continue
-            keep = 0 if final else max((k for m in MARKERS for k in range(1, len(m)) if self.buf.endswith(m[:k])), default=0)
-            self._emit(out, self.buf[: len(self.buf) - keep])
-            self.buf = self.buf[len(self.buf) - keep :]
-            break
-        return out
-
-    def _emit(self, out: list[Delta], text: str) -> None:
-        if text:
-            out.append(Delta("thinking" if self.thinking else "answer", text))
 
 
 _FRACTION = r"(0\.[0-9]{4}|1\.0000)"
@@ -203,7 +154,7 @@ class ChatModel:
         self, messages: list[dict], images: Sequence[ImageSource] = (), mode: str = "auto", params: GenerationParams | None = None
     ) -> Iterator[Delta]:
         """Thinking and answer text as it is generated, markers removed."""
-        splitter = MarkerSplitter(thinking=mode == "think")
+        splitter = CompletionSplitter(mode)
         for event, _ in self.stream_events(messages, images, mode, params):
             yield from splitter.push(event.text, final=event.finish_reason is not None)
 

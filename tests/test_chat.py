@@ -7,12 +7,10 @@ from phi4rv.processing.chat import (
     DEFAULT_CHAT_TEMPLATE,
     IMAGE_TOKEN_ID,
     MODES,
-    Completion,
     box_center,
     encode_chat,
     mode_prefix,
     parse_box,
-    parse_completion,
     release_messages,
     render_chat,
     to_pixels,
@@ -201,8 +199,6 @@ def test_mode_prefix_follows_the_generation_prompt(tok, mode):
 def test_unknown_mode_is_rejected(tok):
     with pytest.raises(ValueError, match="mode must be one of"):
         encode_chat(tok, TEXT_ONLY, mode="fast")
-    with pytest.raises(ValueError, match="mode must be one of"):
-        parse_completion("x", "fast")
 
 
 def test_encode_chat_uses_the_tokenizers_template(tok, tmp_path):
@@ -210,32 +206,6 @@ def test_encode_chat_uses_the_tokenizers_template(tok, tmp_path):
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
     custom = Tokenizer.from_dir(tmp_path)
     assert custom.decode(encode_chat(custom, TEXT_ONLY).input_ids) == "[What is the capital of France?]"
-
-
-@pytest.mark.parametrize(
-    "text, mode, expected",
-    [
-        ("<think> step 1\nstep 2 </think>\n\n The answer is 4.<|im_end|>", "auto",
-         Completion("step 1\nstep 2", "The answer is 4.", "think", True)),
-        ("<think> still going, no end", "auto", Completion("still going, no end", "", "think", False)),
-        ("<|dummy_84|> Paris.<|im_end|>", "auto", Completion(None, "Paris.", "nothink", True)),
-        ("  Paris.  \n", "auto", Completion(None, "Paris.", "nothink", True)),
-        ("\n <think>\nreason\n</think>answer<|endoftext|>junk", "auto", Completion("reason", "answer", "think", True)),
-        (" reasoning here </think> 42", "think", Completion("reasoning here", "42", "think", True)),
-        ("reasoning cut off", "think", Completion("reasoning cut off", "", "think", False)),
-        ("Paris.", "nothink", Completion(None, "Paris.", "nothink", True)),
-        ("<|dummy_84|>Paris.", "nothink", Completion(None, "Paris.", "nothink", True)),
-        ("<think></think>", "auto", Completion("", "", "think", True)),
-    ],
-)
-def test_parse_completion(text, mode, expected):
-    assert parse_completion(text, mode) == expected
-
-
-def test_parse_completion_stopped_by_length_is_unfinished():
-    done = parse_completion("<think> a </think> b", "auto", stopped_by_length=True)
-    assert done == Completion("a", "b", "think", False)
-    assert not parse_completion("partial answ", "nothink", stopped_by_length=True).finished
 
 
 @pytest.mark.parametrize(

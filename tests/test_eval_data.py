@@ -429,8 +429,8 @@ def test_score_rejects_unknown_ids(bench, tmp_path, capsys):
 
 def test_synthetic_generates_held_out_samples_when_no_data_folder(tmp_path):
     import phi4rv.data.synth as synth
-    from phi4rv.eval.extract import split_reasoning
     from phi4rv.eval.tasks.synthetic import HELD_OUT_SEED_BASE
+    from phi4rv.processing.reasoning import parse_completion
 
     task = get_task("synthetic", per_generator=1, difficulty="tiny")
     samples = load_task(task, tmp_path)  # no synthetic/ folder: generated
@@ -442,7 +442,7 @@ def test_synthetic_generates_held_out_samples_when_no_data_folder(tmp_path):
     for name, gen in synth.GENERATORS.items():
         ref = gen.generate(HELD_OUT_SEED_BASE, "tiny")
         sample = next(s for s in samples if s.groups["task"] == name)
-        answer = split_reasoning(ref.messages[-1]["content"]).answer
+        answer = parse_completion(ref.messages[-1]["content"], "auto").answer
         assert task.score(sample, answer).score == 1.0, name
 
 

@@ -2,32 +2,11 @@
 
 import pytest
 
-from phi4rv.eval.extract import extract_choice, extract_click, final_span, split_reasoning, to_number
+from phi4rv.eval.extract import extract_choice, extract_click, final_span, to_number
 from phi4rv.eval.scoring import mmmu_open_match, nearest_option, ocr_match, point_in_box, relaxed_match
+from phi4rv.processing.reasoning import parse_completion
 
 ABCD = ["A", "B", "C", "D"]
-
-
-# ---- reasoning split ---------------------------------------------------------------------------
-
-
-def test_split_closed_think_keeps_text_after_the_last_close():
-    s = split_reasoning("<think>maybe (A)</think>wait</think> The answer is (C)")
-    assert s.mode == "think" and s.answer == "The answer is (C)"
-    assert "maybe (A)" in s.thinking
-
-
-def test_split_unclosed_think_has_no_answer():
-    assert split_reasoning("<think>the answer is (A) because").answer is None
-    # forced think mode: the prompt opened <think>, the text starts inside it
-    assert split_reasoning("the answer is (A) because", in_thinking=True).answer is None
-    assert split_reasoning("reasoning</think>(B)", in_thinking=True).answer == "(B)"
-
-
-def test_split_nothink_marker_and_stop_token_removed():
-    s = split_reasoning("<|dummy_84|>(B)<|im_end|>junk")
-    assert (s.mode, s.thinking, s.answer) == ("nothink", None, "(B)")
-    assert split_reasoning("<nothink> 42").answer == "42"
 
 
 # ---- numbers / ChartQA relaxed accuracy --------------------------------------------------------
@@ -96,7 +75,7 @@ def test_extract_choice(answer, letter):
 
 
 def test_think_text_with_a_wrong_letter_does_not_count():
-    s = split_reasoning("<think>At first (A) seemed right. The answer is A? No.</think>\n\nThe answer is (C).")
+    s = parse_completion("<think>At first (A) seemed right. The answer is A? No.</think>\n\nThe answer is (C).", "auto")
     assert extract_choice(s.answer, ABCD) == "C"
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hf_reference import hf_phi3
 
-from phi4rv.chat_model import ChatModel, MarkerSplitter
+from phi4rv.chat_model import ChatModel
 from phi4rv.generation.generate import FORCED_CLOSE, GenerationParams, Request, generate, generate_stream
 from phi4rv.generation.sampling import SamplingParams, sample
 from phi4rv.model import Phi4RV, expand_image_tokens
@@ -159,19 +159,6 @@ def test_chat_usage_and_timing(cm, images_dir):
     assert set(r.timing) == {"preprocess", "vision", "prefill", "decode"}
     with pytest.raises(ValueError, match="1 <image> tag"):
         cm.chat(msgs, [], params=greedy(2))
-
-
-def test_marker_splitter_hides_markers_across_chunks():
-    text = "<think>let me see</think>The answer<|dummy_84|> is 4"
-    for size in (1, 2, 3, 7):
-        sp = MarkerSplitter(thinking=False)
-        out = []
-        chunks = [text[i : i + size] for i in range(0, len(text), size)]
-        for i, c in enumerate(chunks):
-            out += sp.push(c, final=i == len(chunks) - 1)
-        thinking = "".join(d.text for d in out if d.kind == "thinking")
-        answer = "".join(d.text for d in out if d.kind == "answer")
-        assert (thinking, answer) == ("let me see", "The answer is 4")
 
 
 def test_chat_batch_equals_single_chats(cm, images_dir):

@@ -218,13 +218,13 @@ def ground_truth(sample: Sample) -> tuple[str, str]:
 
 
 def split_reply(reply: Reply) -> tuple[str | None, str]:
-    """(thinking, final answer) from a teacher reply."""
+    """(thinking, final answer) from a teacher reply: its `reasoning_content`, else the reasoning
+    written inline (by `parse_completion`'s rule; one that never closed is no trace)."""
+    answer = verify.final_answer(reply.text)
     if reply.reasoning:
-        return reply.reasoning.strip(), verify.final_answer(reply.text)
+        return reply.reasoning.strip(), answer
     c = parse_completion(reply.text, "auto")
-    if c.mode == "think":
-        return (c.thinking or None) if c.finished else None, verify.final_answer(c.answer)
-    return None, verify.final_answer(reply.text)
+    return (c.thinking or None) if c.mode == "think" and c.finished else None, answer
 
 
 @dataclass

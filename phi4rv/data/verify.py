@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from phi4rv.processing.chat import NOTHINK_TOKEN, THINK_END, THINK_START, parse_box
+from phi4rv.processing.chat import parse_box
+from phi4rv.processing.reasoning import NOTHINK_TOKEN, THINK_END, THINK_START, parse_completion
 
 ANSWER_TYPES = ("number", "text", "choice", "box", "order")
 
@@ -35,14 +36,10 @@ _NUM = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 
 def final_answer(text: str) -> str:
-    """The answer part of a model output: after `</think>` (an unclosed `<think>` leaves nothing),
-    without the nothink marker or an "Answer:" prefix."""
-    text = text.strip()
-    if text.startswith(THINK_START) or THINK_END in text:
-        head, sep, tail = text.partition(THINK_END)
-        text = tail if sep else ""
-    text = text.strip().removeprefix(NOTHINK_TOKEN).strip()
-    return _PREFIX.sub("", text).strip()
+    """The answer part of a model output (split by `parse_completion`'s rule: an unclosed `<think>`
+    leaves nothing), without an "Answer:" prefix."""
+    c = parse_completion(text, "auto")
+    return _PREFIX.sub("", c.answer).strip() if c.finished else ""
 
 
 def parse_number(text: str) -> float | None:
@@ -201,15 +198,12 @@ def repair_format(answer: str, answer_type: str, image_size: tuple[int, int] | N
     `<think>` part; None when no safe rewrite exists. `image_size` (width, height) lets a box in
     pixels become fractions."""
     full = answer.strip()
-    head = ""
-    if full.startswith(THINK_START) or THINK_END in full:
-        h, sep, tail = full.partition(THINK_END)
-        if not sep:
-            return None
-        head, a = h + sep + "\n\n", tail.strip()
-    else:
-        a = full.removeprefix(NOTHINK_TOKEN).strip()
-    a = _PREFIX.sub("", a).strip()
+    c = parse_completion(full, "auto")
+    if not c.finished:
+        return None
+    # the reasoning as it was written: everything up to its (first) </think>
+    head = full.partition(THINK_END)[0] + THINK_END + "\n\n" if c.mode == "think" else ""
+    a = _PREFIX.sub("", c.answer).strip()
     fixed = _repair_final(a, answer_type, image_size, choices)
     if fixed is None or check_format(fixed, answer_type) is not None:
         return None

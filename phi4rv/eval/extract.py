@@ -1,57 +1,13 @@
 """Answer extraction: deterministic, and None whenever nothing can be read (never a guess).
 
-Every scorer first splits off the reasoning (`split_reasoning`), then reads the answer part only,
-so a letter or number that appears in the thinking never counts.
+Every scorer reads the answer part only (the reasoning is split off first, by
+`processing.reasoning.parse_completion`), so a letter or number in the thinking never counts.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-from phi4rv.processing.chat import NOTHINK_TOKEN, STOP_TOKENS, THINK_END, THINK_START
-
-NOTHINK_MARKERS = (NOTHINK_TOKEN, "<nothink>")
-
-
-@dataclass
-class Split:
-    thinking: str | None
-    answer: str | None  # None: the reasoning never closed, so there is no answer to score
-    mode: str  # "think" | "nothink": how the model answered
-
-
-def split_reasoning(text: str, in_thinking: bool = False) -> Split:
-    """Split raw output into thinking and answer.
-
-    `in_thinking`: the prompt already opened `<think>` (forced think mode), so the text starts
-    inside the reasoning. With a `</think>` present the answer is the text after the last one;
-    with an opened but unclosed `<think>` there is no answer.
-    """
-    for stop in STOP_TOKENS:
-        text = text.split(stop, 1)[0]
-    if THINK_END in text:
-        head, _, answer = text.rpartition(THINK_END)
-        head = head.strip()
-        if head.startswith(THINK_START):
-            head = head[len(THINK_START) :]
-        return Split(head.strip(), _strip_markers(answer), "think")
-    body = text.lstrip()
-    if in_thinking or body.startswith(THINK_START):
-        if body.startswith(THINK_START):
-            body = body[len(THINK_START) :]
-        return Split(body.strip(), None, "think")
-    return Split(None, _strip_markers(text), "nothink")
-
-
-def _strip_markers(text: str) -> str:
-    text = text.strip()
-    for m in NOTHINK_MARKERS:
-        if text.startswith(m):
-            text = text[len(m) :].strip()
-    return text
-
 
 # ---- final answer span ------------------------------------------------------------------------
 

@@ -12,11 +12,11 @@ from typing import Any
 from tqdm import tqdm
 
 from phi4rv.eval.backends import Query, Reply
-from phi4rv.eval.extract import split_reasoning
 from phi4rv.eval.records import RecordWriter, done_ids, merge_run, read_records, records_path
 from phi4rv.eval.tasks import EvalSample, Task
 from phi4rv.eval.tasks.base import EvalError
 from phi4rv.processing.chat import MODES
+from phi4rv.processing.reasoning import parse_completion
 
 
 @dataclass
@@ -58,11 +58,11 @@ def load_task(task: Task, data_dir: Path | None, override: Path | None = None) -
 def score_output(task: Task, sample: EvalSample, output: str, in_thinking: bool = False,
                  thinking: str | None = None) -> dict[str, Any]:
     """Split the reasoning off a raw output and score the answer part."""
-    split = split_reasoning(output, in_thinking)
+    split = parse_completion(output, "think" if in_thinking else "auto")
+    answer = split.answer if split.finished else None  # None: the reasoning never closed
     if thinking:  # the server returned the reasoning apart from the content
         split.thinking = thinking.strip() + (("\n" + split.thinking) if split.thinking else "")
         split.mode = "think"
-    answer = split.answer
     if answer is None or (not answer and split.thinking):  # the reasoning never led to an answer
         parse, scored, answer = "no_answer", None, None
     else:

@@ -14,24 +14,27 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any
 
 import jinja2
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+# The markers and the thinking/answer split live in `reasoning`; they are named here too, for the
+# many callers that read them with the rest of the chat format.
+from phi4rv.processing.reasoning import MODES as MODES
+from phi4rv.processing.reasoning import NOTHINK_TOKEN as NOTHINK_TOKEN
+from phi4rv.processing.reasoning import STOP_TOKENS as STOP_TOKENS
+from phi4rv.processing.reasoning import THINK_END as THINK_END
+from phi4rv.processing.reasoning import THINK_START as THINK_START
+from phi4rv.processing.reasoning import Completion as Completion
+from phi4rv.processing.reasoning import Mode as Mode
+from phi4rv.processing.reasoning import parse_completion as parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 
 IMAGE_TOKEN = "<image>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-NOTHINK_TOKEN = "<|dummy_84|>"  # the paper's <nothink>
-STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-MODES = ("auto", "think", "nothink")
-Mode = Literal["auto", "think", "nothink"]
 
 # Our own template with the release's structure: a fixed system turn that explains the two modes
 # (a user's system message is appended to it), then `<|im_start|>{role}<|im_sep|>{content}<|im_end|>`
@@ -292,42 +295,6 @@ def _content_spans(text: str, messages: list[dict]) -> list[tuple[int, int]]:
                 at = i + len(content)
                 break
     return spans
-
-
-@dataclass
-class Completion:
-    thinking: str | None
-    answer: str
-    mode: Literal["think", "nothink"]
-    finished: bool
-
-
-def parse_completion(text: str, mode: Mode, stopped_by_length: bool = False) -> Completion:
-    """Split generated text into (thinking, answer).
-
-    `mode` is the prompt's mode: after a "think" prompt the text starts inside the reasoning; after
-    "nothink" it is all answer; in "auto" a leading `<think>` or nothink marker tells which (neither
-    means a direct answer). Text after a stop token is dropped. An unclosed `<think>` leaves the
-    answer empty and the completion unfinished, as does a stop by length.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for stop in STOP_TOKENS:
-        text = text.split(stop, 1)[0]
-    body = text.lstrip()
-    if mode == "auto":
-        if body.startswith(THINK_START):
-            mode, body = "think", body[len(THINK_START) :]
-        else:
-            mode = "nothink"
-    if mode == "think":
-        if body.lstrip().startswith(THINK_START):  # tolerate a repeated <think>
-            body = body.lstrip()[len(THINK_START) :]
-        thinking, closed, answer = body.partition(THINK_END)
-        return Completion(thinking.strip(), answer.strip(), "think", closed != "" and not stopped_by_length)
-    if body.startswith(NOTHINK_TOKEN):
-        body = body[len(NOTHINK_TOKEN) :]
-    return Completion(None, body.strip(), "nothink", not stopped_by_length)
 
 
 _NUMBER = r"\s*([-+]?(?:\d+(?:\.\d*)?|\.\d+))\s*"

@@ -28,12 +28,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from phi4rv.chat_model import ChatModel, MarkerSplitter
+from phi4rv.chat_model import ChatModel
 from phi4rv.generation.generate import GenerationParams, TokenEvent
 from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar, GrammarError
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.processing.chat import ground, parse_completion
+from phi4rv.processing.chat import ground
 from phi4rv.processing.image import ImageError, image_size
+from phi4rv.processing.reasoning import CompletionSplitter, parse_completion
 from phi4rv.serve import protocol as P
 from phi4rv.serve import tools
 from phi4rv.serve.engine import Engine, EngineRequest, QueueFull, ShuttingDown
@@ -637,7 +638,7 @@ async def _stream(run: Run, cm: ChatModel, body: P.ChatCompletionRequest, mode: 
     """Chat completion chunks. With tools on offer the answer is held back until it is known to
     be a call (`tool_calls` delta) or text (`content` delta); the reasoning streams as it comes."""
     model = body.model
-    splitter = MarkerSplitter(thinking=mode == "think")
+    splitter = CompletionSplitter(mode)
     yield _sse(P.chunk(cid, model, created, {"role": "assistant", "content": ""}))
     tokens = thinking = 0
     reason = "stop"
@@ -698,7 +699,7 @@ async def _response_stream(run: Run, body: P.ResponsesRequest, mode: str, rid: s
     shell = P.response_body(rid, created, model, [], None, body, status="in_progress")
     yield event("response.created", response=shell)
     yield event("response.in_progress", response=shell)
-    splitter = MarkerSplitter(thinking=mode == "think")
+    splitter = CompletionSplitter(mode)
     tokens = thinking_tokens = 0
     reason, raw, thinking = "stop", "", ""
     msg_id, index, opened, trim = "msg_" + uuid.uuid4().hex[:24], 0, False, _Trimmed()

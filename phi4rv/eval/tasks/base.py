@@ -3,7 +3,7 @@
 A task reads a local copy of its benchmark in the official release's layout (nothing is
 downloaded) and turns each row into an `EvalSample`: the user prompt (with one `<image>\\n` per
 image, where the image goes), the images, the gold answer and what the scorer needs. Scoring sees
-only the answer part of an output (`extract.split_reasoning` runs first) and returns `Scored`.
+only the answer part of an output (`processing.reasoning.parse_completion` splits it off first) and returns `Scored`.
 """
 
 from __future__ import annotations
