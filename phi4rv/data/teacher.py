@@ -5,8 +5,8 @@ For each sample the teacher sees the images (as data URIs) and the question and 
 inside `<think>…</think>` before answering. A trace is kept only if its final answer verifies
 against the sample's ground truth (`meta["answer"]`, else the dataset's own answer) with
 `phi4rv.data.verify`; a wrong answer is asked for again, up to `attempts` times. Requests run
-`concurrency` at a time, each with a timeout and retries with exponential backoff on timeouts,
-connection errors, 408/429 and 5xx.
+`concurrency` at a time through `phi4rv.client` (a timeout per request; retries with exponential
+backoff on timeouts, connection errors, 408/409/425/429 and 5xx).
 
 With `vote` (regeneration: the dataset's answer is known to be wrong, or no answer is trusted),
 `vote` traces are drawn and the answer a strict majority of them agree on (by `verify`) becomes the
@@ -20,16 +20,9 @@ transport errors are not recorded and are tried again.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import http.client
 import json
-import random
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -39,9 +32,10 @@ from typing import Any
 
 from tqdm import tqdm
 
+from phi4rv.client import ChatClient, ClientError, content_parts
 from phi4rv.data import verify
 from phi4rv.data.formats import Sample, load_image_bytes
-from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START, parse_completion
+from phi4rv.processing.reasoning import THINK_END, THINK_START, parse_completion
 
 SYSTEM_PROMPT = (
     "You are a careful expert. Look at the image(s) and answer the question. First reason step by step "
@@ -49,7 +43,6 @@ SYSTEM_PROMPT = (
     "question asks for."
 )
 VERIFY_PROMPT = "Answer the question. Give only the final answer, in the form the question asks for."
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 @dataclass
@@ -72,14 +65,6 @@ class TeacherConfig:
     vote: int = 0  # > 0: regenerate answers with no trusted ground truth by majority of `vote` traces
 
 
-class TeacherError(RuntimeError):
-    """A request that failed for good (after its retries, or with a non-retryable status)."""
-
-    def __init__(self, message: str, kind: str):
-        super().__init__(message)
-        self.kind = kind
-
-
 @dataclass
 class Reply:
     text: str  # the message content
@@ -87,121 +72,27 @@ class Reply:
     usage: dict[str, int]
 
 
-# ---- the HTTP client -------------------------------------------------------------------------
-
-
-def _sniff_mime(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
-
-
-def data_uri(ref: bytes | str) -> str:
-    data = load_image_bytes(ref)
-    return f"data:{_sniff_mime(data)};base64,{base64.b64encode(data).decode()}"
+def make_client(cfg: TeacherConfig) -> ChatClient:
+    return ChatClient(cfg.endpoint, api_key=cfg.api_key, timeout=cfg.timeout, retries=cfg.max_retries,
+                      backoff=cfg.backoff, backoff_max=cfg.backoff_max, max_connections=cfg.concurrency)
 
 
 def user_content(sample: Sample, suffix: str = "") -> list[dict[str, Any]]:
     """The sample's first user turn as OpenAI content parts, images where its `<image>` tags are."""
     text = next(m["content"] for m in sample.messages if m["role"] == "user")
-    pieces = text.split(IMAGE_TOKEN)
-    parts: list[dict[str, Any]] = []
-    images = iter(sample.images)
-    for k, piece in enumerate(pieces):
-        if k:
-            parts.append({"type": "image_url", "image_url": {"url": data_uri(next(images))}})
-            piece = piece.removeprefix("\n")
-        if piece.strip():
-            parts.append({"type": "text", "text": piece})
-    if suffix:
-        parts.append({"type": "text", "text": suffix})
-    return parts
+    parts = content_parts(text, (load_image_bytes(ref) for ref in sample.images))
+    return parts + ([{"type": "text", "text": suffix}] if suffix else [])
 
 
-class ChatClient:
-    """POSTs to /chat/completions with retries; counts requests, retries, errors and tokens."""
-
-    def __init__(self, cfg: TeacherConfig):
-        url = cfg.endpoint.rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        if not self.url.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint must be an http(s) URL, got {cfg.endpoint!r}")
-        self.cfg = cfg
-        self.lock = threading.Lock()
-        self.stats: Counter = Counter()
-        self.errors: Counter = Counter()
-
-    def _count(self, key: str, n: int = 1, errors: bool = False) -> None:
-        with self.lock:
-            (self.errors if errors else self.stats)[key] += n
-
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.cfg.api_key:
-            headers["Authorization"] = f"Bearer {self.cfg.api_key}"
-        req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
-            return json.loads(resp.read())
-
-    def complete(self, messages: list[dict[str, Any]], temperature: float, seed: int | None = None,
-                 max_tokens: int | None = None) -> Reply:
-        body = {"model": self.cfg.model, "messages": messages, "temperature": temperature,
-                "max_tokens": max_tokens or self.cfg.max_tokens, **self.cfg.extra_body}
-        if seed is not None:
-            body["seed"] = seed
-        last, wait_at_least = "", 0.0
-        for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                delay = self.cfg.backoff * 2 ** (attempt - 1) * (0.5 + random.random() / 2)
-                time.sleep(min(self.cfg.backoff_max, max(delay, wait_at_least)))
-                wait_at_least = 0.0
-            self._count("requests")
-            try:
-                out = self._post(body)
-            except urllib.error.HTTPError as e:
-                kind, last = f"http_{e.code}", f"HTTP {e.code}: {e.read()[:200]!r}"
-                self._count(kind, errors=True)
-                if e.code not in RETRY_STATUS:
-                    raise TeacherError(last, kind) from None
-                try:  # a 429/503 may say how long to wait
-                    wait_at_least = float(e.headers.get("Retry-After") or 0)
-                except ValueError:
-                    wait_at_least = 0.0
-                continue
-            except (TimeoutError, socket.timeout):
-                kind, last = "timeout", f"no answer within {self.cfg.timeout:g} s"
-                self._count(kind, errors=True)
-                continue
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                kind = "timeout" if isinstance(reason, (TimeoutError, socket.timeout)) else "connection"
-                last = f"{kind}: {reason}"
-                self._count(kind, errors=True)
-                continue
-            except json.JSONDecodeError:
-                kind, last = "bad_json", "the server's reply is not JSON"
-                self._count(kind, errors=True)
-                continue
-            try:
-                msg = out["choices"][0]["message"]
-                usage = out.get("usage") or {}
-            except (KeyError, IndexError, TypeError):
-                kind, last = "bad_response", f"unexpected reply: {str(out)[:200]}"
-                self._count(kind, errors=True)
-                continue
-            self._count("prompt_tokens", int(usage.get("prompt_tokens") or 0))
-            self._count("completion_tokens", int(usage.get("completion_tokens") or 0))
-            reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-            return Reply(msg.get("content") or "", reasoning, {k: int(v) for k, v in usage.items() if isinstance(v, int)})
-        raise TeacherError(f"gave up after {self.cfg.max_retries + 1} tries: {last}", "gave_up")
+def ask_teacher(client: ChatClient, cfg: TeacherConfig, messages: list[dict[str, Any]], temperature: float,
+        seed: int | None = None, max_tokens: int | None = None) -> Reply:
+    """One chat completion from the teacher (raises ClientError when it fails for good)."""
+    body = {"model": cfg.model, "messages": messages, "temperature": temperature,
+            "max_tokens": max_tokens or cfg.max_tokens, **cfg.extra_body}
+    if seed is not None:
+        body["seed"] = seed
+    r = client.complete(body)
+    return Reply(r.content, r.reasoning, {k: int(v) for k, v in r.usage.items() if isinstance(v, int)})
 
 
 # ---- ground truth and traces -----------------------------------------------------------------
@@ -254,8 +145,8 @@ def trace_one(client: ChatClient, cfg: TeacherConfig, sample: Sample) -> Outcome
     out = Outcome(sample, "rejected")
     for k in range(cfg.attempts):
         try:
-            reply = client.complete(messages, cfg.temperature, seed=_stable_seed(f"{sample.id}/{k}"))
-        except TeacherError as e:
+            reply = ask_teacher(client, cfg, messages, cfg.temperature, seed=_stable_seed(f"{sample.id}/{k}"))
+        except ClientError as e:
             return Outcome(sample, "failed", tries=out.tries, error=str(e))
         thinking, answer = split_reply(reply)
         ok = verify.verify(answer, gold, kind, tol, sample.meta.get("choices"))
@@ -274,8 +165,8 @@ def _vote_one(client: ChatClient, cfg: TeacherConfig, sample: Sample, messages: 
     tries: list[dict[str, Any]] = []
     for k in range(cfg.vote):
         try:
-            reply = client.complete(messages, cfg.temperature, seed=_stable_seed(f"{sample.id}/vote/{k}"))
-        except TeacherError as e:
+            reply = ask_teacher(client, cfg, messages, cfg.temperature, seed=_stable_seed(f"{sample.id}/vote/{k}"))
+        except ClientError as e:
             return Outcome(sample, "failed", tries=tries, error=str(e))
         thinking, answer = split_reply(reply)
         tries.append({"answer": answer[:500], "verdict": "vote" if thinking and answer else "no_trace", "usage": reply.usage})
@@ -356,7 +247,7 @@ def synthesize(samples: Iterable[Sample], cfg: TeacherConfig, out: str | Path, l
     for p in (ok_path, rej_path):
         _repair_tail(p)
     done = done_ids(ok_path, rej_path)
-    client = ChatClient(cfg)
+    client = make_client(cfg)
     counts: Counter = Counter()
     per_task: dict[str, Counter] = {}
     tries_hist: Counter = Counter()
@@ -406,6 +297,7 @@ def synthesize(samples: Iterable[Sample], cfg: TeacherConfig, out: str | Path, l
                 bar.update()
                 bar.set_postfix(ok=counts["ok"], rejected=counts["rejected"], failed=counts["failed"])
     bar.close()
+    client.close()
     st = client.stats
     attempted = counts["ok"] + counts["rejected"]
     summary = {
@@ -437,15 +329,18 @@ def synthesize(samples: Iterable[Sample], cfg: TeacherConfig, out: str | Path, l
 
 def teacher_answers(samples: list[Sample], cfg: TeacherConfig, progress: bool = True) -> dict[str, str | None]:
     """The teacher's final answer to each sample's question (None where the request failed)."""
-    client = ChatClient(cfg)
+    client = make_client(cfg)
 
     def ask(s: Sample) -> tuple[str, str | None]:
         messages = [{"role": "system", "content": VERIFY_PROMPT}, {"role": "user", "content": user_content(s)}]
         try:
-            reply = client.complete(messages, cfg.temperature, seed=_stable_seed(s.id))
-        except TeacherError:
+            reply = ask_teacher(client, cfg, messages, cfg.temperature, seed=_stable_seed(s.id))
+        except ClientError:
             return s.id, None
         return s.id, split_reply(reply)[1]
 
     with ThreadPoolExecutor(cfg.concurrency) as pool:
-        return dict(tqdm(pool.map(ask, samples), total=len(samples), desc="teacher check", disable=not progress, leave=False))
+        answers = dict(tqdm(pool.map(ask, samples), total=len(samples), desc="teacher check", disable=not progress,
+                            leave=False))
+    client.close()
+    return answers

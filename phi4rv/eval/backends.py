@@ -12,8 +12,6 @@ are their sums, so a record's times add up. Warm-up generations are never timed.
 
 from __future__ import annotations
 
-import base64
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -21,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phi4rv.client import ChatClient, ClientError, openai_messages
 from phi4rv.data.formats import ImageRef, load_image_bytes
-from phi4rv.processing.chat import IMAGE_TOKEN
 
 REASONING_EFFORT = {"think": "high", "nothink": "none"}  # auto: omitted, the model picks
 
@@ -166,60 +164,14 @@ class LocalBackend:
 # ---- HTTP (OpenAI-compatible) -----------------------------------------------------------------
 
 
-def _mime(data: bytes) -> str:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "image/png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "image/jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "image/gif"
-    return "application/octet-stream"
-
-
-def to_openai_messages(messages: list[dict[str, str]], images: list[ImageRef]) -> list[dict]:
-    """String contents with `<image>\\n` tags → OpenAI content parts with the images as data URIs,
-    each at its tag's place (the newline after a tag belongs to the image part)."""
-    it = iter(images)
-    out = []
-    for m in messages:
-        pieces = m["content"].split(IMAGE_TOKEN)
-        if len(pieces) == 1:
-            out.append({"role": m["role"], "content": m["content"]})
-            continue
-        parts: list[dict] = []
-        for j, piece in enumerate(pieces):
-            if j:
-                try:
-                    data = load_image_bytes(next(it))
-                except StopIteration:
-                    raise ValueError("more <image> tags than images") from None
-                url = f"data:{_mime(data)};base64,{base64.b64encode(data).decode()}"
-                parts.append({"type": "image_url", "image_url": {"url": url}})
-                piece = piece.removeprefix("\n")
-            if piece:
-                parts.append({"type": "text", "text": piece})
-        out.append({"role": m["role"], "content": parts})
-    return out
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Fatal(Exception):
-    pass
-
-
 class HTTPBackend:
-    """An OpenAI-compatible `/chat/completions` endpoint (vLLM, Azure Foundry, phi4rv serve, …).
+    """An OpenAI-compatible `/chat/completions` endpoint (vLLM, Azure Foundry, phi4rv serve, …),
+    through `phi4rv.client` (its retries, timeouts and image parts).
 
     Greedy (temperature 0), `max_tokens` per query, the mode as `reasoning_effort` ("high" for
     think, "none" for nothink, omitted for auto). Streams by default, so time to first token is
-    measured. `concurrency` requests run at once; a timeout, a connection error, 408/409/429 or a
-    5xx is retried up to `retries` times with exponential back-off. Only the successful attempt
-    is timed. Reasoning comes from `reasoning_content` / `reasoning`, or inline `<think>…</think>`.
+    measured. `concurrency` requests run at once. Only the answered attempt is timed. Reasoning
+    comes from `reasoning_content` / `reasoning`, or inline `<think>…</think>`.
     """
 
     def __init__(
@@ -235,23 +187,16 @@ class HTTPBackend:
         warmup: bool = True,
         extra_body: dict | None = None,
     ):
-        import httpx
-
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        endpoint = endpoint.rstrip("/")
-        self.url = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
-        self.endpoint = endpoint
+        self.client = ChatClient(endpoint, api_key=api_key, timeout=timeout, retries=retries, backoff=backoff,
+                                 max_connections=concurrency)
+        self.endpoint = self.client.endpoint
         self.model = model
         self.concurrency = concurrency
-        self.retries = retries
-        self.backoff = backoff
         self.stream = stream
         self.warmup = warmup
         self.extra_body = extra_body or {}
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout), headers=headers,
-                                   limits=httpx.Limits(max_connections=concurrency))
         self._warm = False
 
     def describe(self) -> dict[str, Any]:
@@ -266,7 +211,7 @@ class HTTPBackend:
     def body(self, q: Query) -> dict:
         body: dict[str, Any] = {
             "model": self.model,
-            "messages": to_openai_messages(q.messages, q.images),
+            "messages": openai_messages(q.messages, (load_image_bytes(ref) for ref in q.images)),
             "max_tokens": q.max_new_tokens,
             "temperature": 0,
             "stream": self.stream,
@@ -298,92 +243,27 @@ class HTTPBackend:
         except (OSError, ValueError) as e:
             return Reply(error=f"{type(e).__name__}: {e}")
         preprocess = time.perf_counter() - t0
-        error = ""
-        for attempt in range(1, self.retries + 2):
-            try:
-                reply = self._once(body, preprocess)
-                reply.attempts = attempt
-                return reply
-            except _Retryable as e:
-                error = str(e)
-                if attempt <= self.retries:
-                    time.sleep(self.backoff * 2 ** (attempt - 1))
-            except _Fatal as e:
-                return Reply(error=str(e), attempts=attempt)
-        return Reply(error=f"{error} (gave up after {self.retries + 1} attempts)", attempts=self.retries + 1)
-
-    def _once(self, body: dict, preprocess: float) -> Reply:
-        import httpx
-
-        start = time.perf_counter()
         try:
-            if not self.stream:
-                r = self.client.post(self.url, json=body)
-                self._check(r.status_code, r.text)
-                return self._from_message(r.json(), preprocess, time.perf_counter() - start)
-            with self.client.stream("POST", self.url, json=body) as r:
-                if r.status_code >= 400:
-                    self._check(r.status_code, r.read().decode(errors="replace"))
-                return self._from_stream(r.iter_lines(), preprocess, start)
-        except httpx.TimeoutException as e:
-            raise _Retryable(f"timeout: {type(e).__name__}") from None
-        except httpx.TransportError as e:
-            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from None
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
-            raise _Fatal(f"malformed response: {type(e).__name__}: {e}") from None
-
-    @staticmethod
-    def _check(status: int, text: str) -> None:
-        if status < 400:
-            return
-        msg = f"HTTP {status}: {text[:200].strip()}"
-        if status in (408, 409, 429) or status >= 500:
-            raise _Retryable(msg)
-        raise _Fatal(msg)
-
-    def _from_stream(self, lines: Iterator[str], preprocess: float, start: float) -> Reply:
-        content, reasoning, usage, finish, first = "", "", None, None, None
-        for line in lines:
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                raise _Retryable(f"stream error: {str(chunk['error'])[:200]}")
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                delta = choice.get("delta") or {}
-                piece = delta.get("content") or ""
-                think = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                if (piece or think) and first is None:
-                    first = time.perf_counter()
-                content += piece
-                reasoning += think
-                finish = choice.get("finish_reason") or finish
-        end = time.perf_counter()
-        first = first if first is not None else end
-        return self._reply(content, reasoning or None, finish, usage, _times(preprocess, first - start, end - first))
-
-    def _from_message(self, obj: dict, preprocess: float, elapsed: float) -> Reply:
-        choice = obj["choices"][0]
-        msg = choice["message"]
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        times = {"preprocess": preprocess, "prefill": None, "decode": None, "ttft": None, "total": preprocess + elapsed}
-        return self._reply(msg.get("content") or "", reasoning, choice.get("finish_reason"), obj.get("usage"), times)
-
-    @staticmethod
-    def _reply(content: str, reasoning: str | None, finish: str | None, usage: dict | None, times: dict) -> Reply:
-        usage = usage or {}
+            r = self.client.complete(body)
+        except ClientError as e:
+            return Reply(error=str(e), attempts=e.attempts)
+        if self.stream:
+            first = r.first if r.first is not None else r.ended
+            times = _times(preprocess, first - r.started, r.ended - first)
+        else:
+            times = {"preprocess": preprocess, "prefill": None, "decode": None, "ttft": None,
+                     "total": preprocess + r.ended - r.started}
+        usage = r.usage
         details = usage.get("completion_tokens_details") or {}
         prompt_details = usage.get("prompt_tokens_details") or {}
         output = usage.get("completion_tokens")
         thinking = details.get("reasoning_tokens")
         answer = output - thinking if output is not None and thinking is not None else None
         image = usage.get("image_tokens", prompt_details.get("image_tokens"))
-        tokens = {"prompt": usage.get("prompt_tokens"), "image": image, "thinking": thinking, "answer": answer, "output": output}
-        return Reply(output=content, thinking=reasoning, finish_reason=finish, tokens=tokens, times=times)
+        tokens = {"prompt": usage.get("prompt_tokens"), "image": image, "thinking": thinking, "answer": answer,
+                  "output": output}
+        return Reply(output=r.content, thinking=r.reasoning, finish_reason=r.finish_reason, tokens=tokens, times=times,
+                     attempts=r.attempts)
 
     def close(self) -> None:
         self.client.close()

@@ -6,7 +6,7 @@ grade — and it is called only when the deterministic extractor finds nothing.
 
 from __future__ import annotations
 
-import httpx
+from phi4rv.client import ChatClient, ClientError
 
 PROMPT = (
     "Below are a question and a model's response. Copy the final answer that the response gives, and "
@@ -17,12 +17,9 @@ PROMPT = (
 
 class LLMJudge:
     def __init__(self, endpoint: str, model: str, api_key: str | None = None, timeout: float = 120.0):
-        endpoint = endpoint.rstrip("/")
-        self.url = endpoint if endpoint.endswith("/chat/completions") else endpoint + "/chat/completions"
-        self.name = f"{model} @ {endpoint}"
+        self.client = ChatClient(endpoint, api_key=api_key, timeout=timeout, retries=0)  # a failure: no answer
+        self.name = f"{model} @ {self.client.endpoint}"
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout, headers=headers)
 
     def __call__(self, question: str, response: str) -> str | None:
         body = {
@@ -32,9 +29,7 @@ class LLMJudge:
             "max_tokens": 64,
         }
         try:
-            r = self.client.post(self.url, json=body)
-            r.raise_for_status()
-            text = (r.json()["choices"][0]["message"].get("content") or "").strip()
-        except (httpx.HTTPError, KeyError, IndexError, ValueError):
+            text = self.client.complete(body).content.strip()
+        except ClientError:
             return None
         return None if not text or text.upper().startswith("NONE") else text
