@@ -2,8 +2,9 @@
 
 import pytest
 
-from phi4rv.eval.extract import extract_choice, extract_click, final_span, to_number
-from phi4rv.eval.scoring import mmmu_open_match, nearest_option, ocr_match, point_in_box, relaxed_match
+from phi4rv.eval.extract import extract_choice, extract_click, final_span
+from phi4rv.eval.scoring import mmmu_open_match, nearest_option, ocr_match, relaxed_match
+from phi4rv.processing.answers import point_in_box, to_number
 from phi4rv.processing.reasoning import parse_completion
 
 ABCD = ["A", "B", "C", "D"]
@@ -85,6 +86,7 @@ def test_extract_choice_by_option_text():
     assert extract_choice("It measures 12 cm", ABCD, options) == "A"   # "2 cm" is only part of "12 cm"
     assert extract_choice("the shape is a red circle", ABCD, options) == "D"  # "red" only inside the longer option
     assert extract_choice("green", ABCD, options) is None
+    assert extract_choice("2 CM .", ABCD, options) == "B"  # case, space and a final period folded
 
 
 def test_nearest_option_only_when_close():
@@ -116,14 +118,14 @@ def test_ocr_substring_rule():
 # ---- boxes and points (ScreenSpot convention) --------------------------------------------------
 
 W, H = 200, 100
-TARGET = [50, 20, 40, 30]  # pixels x, y, w, h -> x 50..90, y 20..50
+TARGET = (50, 20, 90, 50)  # pixels x1, y1, x2, y2 (ScreenSpot's [x, y, w, h] = [50, 20, 40, 30])
 
 
 def test_click_fraction_convention():
     p = extract_click("[0.3, 0.3, 0.4, 0.4]", W, H)  # centre (0.35, 0.35) -> (70, 35) px
-    assert p == pytest.approx((70.0, 35.0)) and point_in_box(*p, TARGET)
+    assert p == pytest.approx((70.0, 35.0)) and point_in_box(p, TARGET)
     assert extract_click("click (0.45, 0.5)", W, H) == pytest.approx((90.0, 50.0))
-    assert point_in_box(90.0, 50.0, TARGET)  # edges included
+    assert point_in_box((90.0, 50.0), TARGET)  # edges included
 
 
 def test_click_pixels_are_not_guessed_as_fractions():

@@ -42,6 +42,7 @@ from phi4rv.data.formats import DatasetFormatError, Sample, read_samples, write_
 from phi4rv.data.mix import dataset_name
 from phi4rv.data.synth import regenerate
 from phi4rv.data.teacher import TeacherConfig, teacher_answers
+from phi4rv.processing.answers import normalize_text
 from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN
 from phi4rv.processing.image import ImageError, ImageProcessorConfig, load_image
 
@@ -290,7 +291,7 @@ def check_dataset(path: Path, cfg: CurateConfig) -> tuple[list[tuple[Sample, Ver
 
 
 def _final(v: Verdict) -> str:
-    return verify.normalize_text(verify.final_answer(v.sample.answers()[-1]))
+    return normalize_text(verify.final_answer(v.sample.answers()[-1]))
 
 
 def resolve_duplicates(rows: list[tuple[Sample, Verdict]], cfg: CurateConfig) -> None:

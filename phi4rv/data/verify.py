@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from phi4rv.processing.answers import normalize_text, parse_number
 from phi4rv.processing.chat import parse_box
 from phi4rv.processing.reasoning import NOTHINK_TOKEN, THINK_END, THINK_START, parse_completion
 
@@ -32,7 +33,6 @@ class Tolerance:
 # ---- extraction ------------------------------------------------------------------------------
 
 _PREFIX = re.compile(r"^\s*(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*|answer\s*:\s*)", re.I)
-_NUM = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
 
 
 def final_answer(text: str) -> str:
@@ -40,28 +40,6 @@ def final_answer(text: str) -> str:
     leaves nothing), without an "Answer:" prefix."""
     c = parse_completion(text, "auto")
     return _PREFIX.sub("", c.answer).strip() if c.finished else ""
-
-
-def parse_number(text: str) -> float | None:
-    """The number an answer states: the whole answer when it is one number (with %, $, units or
-    thousands separators around it), else the last number in it."""
-    t = text.strip().replace("\u2212", "-").replace("\u2013", "-")
-    matches = _NUM.findall(t)
-    if not matches:
-        return None
-    try:
-        return float(matches[-1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def normalize_text(text: str) -> str:
-    t = text.strip().lower()
-    t = re.sub(r"[\"'`]", "", t)
-    t = re.sub(r"[\s]+", " ", t)
-    t = t.strip(" .,:;!?()[]")
-    t = re.sub(r"^(?:the|a|an) ", "", t)
-    return t
 
 
 _CHOICE_ALONE = re.compile(r"^\(?([A-Za-z])\)?[.):]?$")
@@ -98,10 +76,6 @@ def iou(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) 
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
-
-
-def point_in_box(point: tuple[float, float], box: tuple[float, ...] | list[float]) -> bool:
-    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
 
 
 # ---- verification ----------------------------------------------------------------------------

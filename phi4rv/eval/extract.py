@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from phi4rv.processing.answers import norm_text
+
 # ---- final answer span ------------------------------------------------------------------------
 
 
@@ -42,37 +44,6 @@ def final_span(text: str) -> str:
     return span
 
 
-# ---- numbers ----------------------------------------------------------------------------------
-
-_NUM_BODY = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+"
-_WHOLE_NUMBER = re.compile(r"([-+]?)\s*[$€£¥]?\s*(" + _NUM_BODY + r")\s*(%?)")
-NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-+]?(?:" + _NUM_BODY + r")(?![\w])")
-
-
-def to_number(text: str) -> float | None:
-    """A whole string read as a number, else None.
-
-    Accepted: thousands separators in groups of three (`1,000` → 1000), a leading currency sign,
-    one trailing period, surrounding whitespace and bold markers, a trailing `%` (divides by 100,
-    as lmms-eval's relaxed accuracy does: `45%` == 0.45, `45%` != 45).
-    """
-    t = text.replace("**", "").replace("−", "-").strip()
-    if t.endswith(".") and not t.endswith(".."):
-        t = t[:-1]
-    m = _WHOLE_NUMBER.fullmatch(t)
-    if not m:
-        return None
-    value = float(m.group(2).replace(",", ""))
-    if m.group(1) == "-":
-        value = -value
-    return value / 100 if m.group(3) else value
-
-
-def numbers_in(text: str) -> list[float]:
-    """Every number in free text, in order (thousands separators understood)."""
-    return [float(m.group(0).replace(",", "")) for m in NUMBER_IN_TEXT.finditer(text.replace("−", "-"))]
-
-
 # ---- multiple choice --------------------------------------------------------------------------
 
 _EXPLICIT = re.compile(
@@ -89,10 +60,6 @@ _WORD_AFTER = re.compile(r"\s+[a-z]")
 def _is_word(text: str, m: re.Match, letter: str) -> bool:
     """"A" / "I" followed by a lower-case word are the article / pronoun, not a choice."""
     return letter in ("A", "I") and _WORD_AFTER.match(text, m.end()) is not None
-
-
-def _norm(s: str) -> str:
-    return re.sub(r"\s+", " ", s.strip().rstrip(".").lower())
 
 
 def extract_choice(text: str, letters: Sequence[str], options: Sequence[str] | None = None) -> str | None:
@@ -129,10 +96,10 @@ def extract_choice(text: str, letters: Sequence[str], options: Sequence[str] | N
 
 
 def _choice_by_text(text: str, letters: Sequence[str], options: Sequence[str]) -> str | None:
-    a = _norm(text)
+    a = norm_text(text)
     if not a:
         return None
-    pairs = [(letter, _norm(str(o))) for letter, o in zip(letters, options)]
+    pairs = [(letter, norm_text(str(o))) for letter, o in zip(letters, options)]
     exact = [letter for letter, o in pairs if o == a]
     if len(exact) == 1:
         return exact[0]

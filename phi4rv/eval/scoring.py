@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from phi4rv.eval.extract import final_span, numbers_in, to_number
+from phi4rv.eval.extract import final_span
+from phi4rv.processing.answers import norm_text, numbers_in, to_number
 
 
 @dataclass
@@ -20,12 +21,6 @@ class Scored:
 
 
 UNPARSED = Scored(0.0, False, None)
-
-
-def norm_text(s: str) -> str:
-    """Case-insensitive comparison form: whitespace collapsed, one trailing period removed."""
-    s = re.sub(r"\s+", " ", s.replace("**", "").strip()).lower()
-    return s[:-1].rstrip() if s.endswith(".") else s
 
 
 def relaxed_match(prediction: str, target: str, tolerance: float = 0.05) -> bool:
@@ -49,12 +44,6 @@ def ocr_match(prediction: str, answers: Sequence[str], hme: bool = False) -> boo
         elif a.lower().strip().replace("\n", " ") in prediction.lower().replace("\n", " "):
             return True
     return False
-
-
-def point_in_box(x: float, y: float, box_xywh: Sequence[float]) -> bool:
-    """ScreenSpot: the click point lies in the target box (pixels [x, y, w, h]), edges included."""
-    bx, by, bw, bh = box_xywh
-    return bx <= x <= bx + bw and by <= y <= by + bh
 
 
 # ---- MMMU open questions ----------------------------------------------------------------------

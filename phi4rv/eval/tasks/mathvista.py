@@ -28,10 +28,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from phi4rv.eval.extract import extract_choice, final_span, letters_for, to_number
+from phi4rv.eval.extract import extract_choice, final_span, letters_for
 from phi4rv.eval.official import mathvista_normalize
-from phi4rv.eval.scoring import UNPARSED, Scored, free_form_value, nearest_option, norm_text, normalise_mathvista
+from phi4rv.eval.scoring import UNPARSED, Scored, free_form_value, nearest_option, normalise_mathvista
 from phi4rv.eval.tasks.base import EvalSample, Task, image_ref, parquet_rows, user, with_image
+from phi4rv.processing.answers import norm_text, to_number
 
 Judge = Callable[[str, str], "str | None"]  # (question, answer) -> extracted answer or None
 

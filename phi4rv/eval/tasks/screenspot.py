@@ -26,8 +26,9 @@ import json
 from pathlib import Path
 
 from phi4rv.eval.extract import COORDS, extract_click
-from phi4rv.eval.scoring import UNPARSED, Scored, point_in_box
+from phi4rv.eval.scoring import UNPARSED, Scored
 from phi4rv.eval.tasks.base import EvalError, EvalSample, Task, image_size, user, with_image
+from phi4rv.processing.answers import point_in_box
 
 PLATFORMS = ("desktop", "mobile", "web")
 IMAGE_FOLDERS = ("screenspotv2_image", "images", ".")
@@ -93,7 +94,8 @@ class ScreenSpotV2(Task):
                               strict=self.rules == "lenient")
         if point is None:
             return UNPARSED
-        return Scored(float(point_in_box(*point, sample.target)), True, [round(point[0], 2), round(point[1], 2)])
+        x, y, w, h = sample.target  # the target box in pixels, [x, y, w, h]
+        return Scored(float(point_in_box(point, (x, y, x + w, y + h))), True, [round(point[0], 2), round(point[1], 2)])
 
     def metrics(self, rows: list[dict]) -> dict[str, float]:
         out = super().metrics(rows)

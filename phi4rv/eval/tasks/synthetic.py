@@ -24,6 +24,7 @@ from pathlib import Path
 from phi4rv.data.formats import Sample, read_samples
 from phi4rv.eval.scoring import UNPARSED, Scored
 from phi4rv.eval.tasks.base import EvalError, EvalSample, Task
+from phi4rv.processing.answers import parse_number
 from phi4rv.processing.chat import parse_box
 
 HELD_OUT_SEED_BASE = 1_000_000_000  # training data is generated from seeds far below this
@@ -97,7 +98,7 @@ class Synthetic(Task):
         kind, choices = info["answer_type"], info.get("choices")
         final = verify.final_answer(answer)
         read = {
-            "number": lambda: verify.parse_number(final),
+            "number": lambda: parse_number(final),
             "choice": lambda: verify.parse_choice(final, choices),
             "box": lambda: parse_box(final),
             "order": lambda: verify.parse_order(final),
