@@ -11,9 +11,9 @@ From Python: `tasks.get_task(name)` → `runner.load_task(task, data_dir)` → `
 backends.LocalBackend(dir) | backends.HTTPBackend(url, name))` → `report.write_report(run_dirs, out)`;
 `runner.score_output(task, sample, raw_text)` scores one output.
 
-Modules: `tasks/` (one per benchmark: loader, prompt, scorer, version), `extract.py` (reasoning
-split, numbers, letters, boxes), `official.py` (the benchmarks' official scoring rules, the
-default), `scoring.py` (the lenient rules, `--rules lenient`), `backends.py`, `records.py`
+Modules: `tasks/` (one per benchmark: loader, prompt, scorer, version), `extract.py` (final
+spans, letters, clicks; the reasoning split is `processing.reasoning`, numbers and normalisation
+`processing.answers`), `official.py` (the benchmarks' official scoring rules, the default), `scoring.py` (the lenient rules, `--rules lenient`), `backends.py`, `records.py`
 (JSONL records and run.json, resume), `runner.py`, `report.py` (tables, average, Pareto),
 `judge.py` (optional MathVista LLM extractor), `cli.py`.
 """
