@@ -85,7 +85,7 @@ def user_content(sample: Sample, suffix: str = "") -> list[dict[str, Any]]:
 
 
 def ask_teacher(client: ChatClient, cfg: TeacherConfig, messages: list[dict[str, Any]], temperature: float,
-        seed: int | None = None, max_tokens: int | None = None) -> Reply:
+                seed: int | None = None, max_tokens: int | None = None) -> Reply:
     """One chat completion from the teacher (raises ClientError when it fails for good)."""
     body = {"model": cfg.model, "messages": messages, "temperature": temperature,
             "max_tokens": max_tokens or cfg.max_tokens, **cfg.extra_body}
