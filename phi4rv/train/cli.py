@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
     if args.plan:
-        from phi4rv.train.plan import parse_size
+        from phi4rv.train.config import parse_size
 
         try:
             memory = parse_size(args.device_memory) if args.device_memory else None

@@ -37,7 +37,7 @@ from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE, parse_completion
 from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train import checkpointing as ckpt_io
-from phi4rv.train.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
+from phi4rv.train.config import ConfigError, DatasetConfig, StageConfig, TrainConfig, parse_size
 from phi4rv.train.distributed import (
     Dist,
     clip_grad_norm,
@@ -50,7 +50,7 @@ from phi4rv.train.distributed import (
 )
 from phi4rv.train.loss import chunked_cross_entropy
 from phi4rv.train.metrics import MetricsLog, plot_metrics
-from phi4rv.train.plan import gib, options_that_fit, parse_size, plan_memory
+from phi4rv.train.plan import gib, options_that_fit, plan_memory
 from phi4rv.train.stages import build_optimizer, format_table, freeze_for_stage, lr_factor, parameter_table, set_lr
 
 
