@@ -15,11 +15,12 @@ from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train import loop
 from phi4rv.train.config import load_config
 from phi4rv.train.metrics import read_metrics
+from phi4rv.train.setup import apply_overrides
 from phi4rv.train.toy import TINY_OVERRIDES, TOY_TEMPLATE, toy_config, write_toy
 
 
 def tiny(vocab=352) -> Phi4RV:
-    cfg = loop._override(preset("tiny"), TINY_OVERRIDES)
+    cfg = apply_overrides(preset("tiny"), TINY_OVERRIDES)
     cfg.decoder.vocab_size = vocab
     torch.manual_seed(0)
     m = Phi4RV(cfg)

@@ -42,8 +42,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def memory_plan_report(cfg, world: int, device: str, device_memory: int | None) -> str:
-    from phi4rv.train.loop import load_tokenizer, model_config
     from phi4rv.train.plan import options_that_fit, plan_memory
+    from phi4rv.train.setup import load_tokenizer, model_config
 
     if world < 1:
         raise ConfigError(f"--world must be >= 1, got {world}")

@@ -5,11 +5,22 @@ and autograd keeps them (and their softmax) until the backward pass. Here the fo
 chunk's logits, keeps only one log-sum-exp per token, and drops them; the backward recomputes each
 chunk's logits once more and turns them straight into gradients (softmax - one-hot), so the peak
 is one chunk's logits (chunk x vocab floats) instead of all of them, for one more head matmul.
+
+`loss_terms` is the training loss of a batch: the model's forward, then this (or, with chunking
+off, plain cross-entropy over the scored positions' logits).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+
+from phi4rv.data.packing import Batch
+from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.tokens import IGNORE_INDEX
+from phi4rv.train.config import TrainConfig
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -70,3 +81,34 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden = hidden.to(weight.dtype)
     with torch.autocast(device_type, enabled=False):
         return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's compute precision: bfloat16 autocast, or nothing (the weights' dtype)."""
+    if cfg.precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_terms(model: Phi4RV, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of correct argmax predictions) over the batch's targets.
+
+    With `chunk` > 0 the LM head and the loss run `chunk` scored tokens at a time
+    (`chunked_cross_entropy`), never holding the whole [tokens, vocab] logits; 0 computes them at once."""
+    scored = batch.targets != IGNORE_INDEX
+    targets = batch.targets[scored]
+    # Under FSDP every process must run every sharded unit, in the same order, the same number of
+    # times (each forward all-gathers a unit's parameters, each backward reduce-scatters its
+    # gradients): a micro-batch without images (text only, a filler, samples dropped while
+    # loading) still runs the vision tower, on a blank patch that adds exactly zero. One process
+    # does the same, so that a step without images gives the vision tower zero gradients (AdamW
+    # still moves it by its momentum) with any number of processes, not none.
+    head = model.decoder.lm_head
+    if chunk and type(head) is torch.nn.Linear and head.bias is None:
+        hidden = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True, hidden_only=True)
+        # after the forward, FSDP2 leaves the root's parameters (the LM head among them) unsharded
+        return chunked_cross_entropy(hidden, head.weight, targets, chunk)
+    logits = model(**batch.model_inputs(), logits_at=scored, always_run_vision=True).float()  # [N, V]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct
