@@ -56,7 +56,7 @@ def train_toy(steps: int, seed: int) -> Phi4RV:
     torch.manual_seed(seed)
     cfg = preset("tiny")
     cfg.decoder.vocab_size = 512
-    cfg.decoder.hidden_size = cfg.projector.output_size = 128
+    cfg.decoder.hidden_size = 128
     cfg.decoder.intermediate_size = 384
     cfg.decoder.num_hidden_layers = 4
     model = Phi4RV(cfg)

@@ -62,7 +62,6 @@ def test_model_loss_terms_chunked_equal_unchunked():
             node = getattr(node, p)
         setattr(node, leaf, v)
     mc.decoder.vocab_size = 512
-    mc.projector.input_size, mc.projector.output_size = mc.vision.hidden_size, mc.decoder.hidden_size
     model = Phi4RV(mc)
     model.init_weights()
     rows = []

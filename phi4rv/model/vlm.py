@@ -66,7 +66,7 @@ class Phi4RV(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision)
-        self.projector = build_projector(cfg.projector)
+        self.projector = build_projector(cfg.vision.hidden_size, cfg.decoder.hidden_size)
         self.decoder = Decoder(cfg.decoder)
 
     @torch.no_grad()

@@ -49,8 +49,6 @@ def apply_overrides(cfg: Phi4RVConfig, overrides: dict) -> Phi4RVConfig:
         if node is None or not hasattr(node, leaf) or leaf == "raw":
             raise ConfigError(f"model.overrides: no model config field {dotted!r}")
         setattr(node, leaf, type(getattr(node, leaf))(value) if getattr(node, leaf) is not None else value)
-    cfg.projector.input_size = cfg.vision.hidden_size
-    cfg.projector.output_size = cfg.decoder.hidden_size
     return cfg
 
 
