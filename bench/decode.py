@@ -54,7 +54,7 @@ from common import (
     write_json,
 )
 
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.config import DecoderConfig, Phi4RVConfig, VisionConfig
 from phi4rv.generation.generate import GenerationParams, Request, generate
 from phi4rv.model import Phi4RV
 from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
@@ -91,7 +91,7 @@ def build_models(cfg: DecoderConfig, device, dtype, seed: int) -> tuple[Phi3ForC
                 p.uniform_(0.5, 1.5)
     # Our VLM with a stub vision tower (no images in these prompts) around the same decoder weights.
     stub = VisionConfig(hidden_size=32, intermediate_size=32, num_attention_heads=1, num_hidden_layers=1)
-    ours = Phi4RV(Phi4RVConfig(vision=stub, projector=ProjectorConfig(32, cfg.hidden_size), decoder=cfg)).eval()
+    ours = Phi4RV(Phi4RVConfig(vision=stub, decoder=cfg)).eval()
     ours.decoder.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
     return hf.to(device, dtype), ours.to(device, dtype)
 

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, print_table, write_json
 
 from phi4rv.checkpoint import load_model, save_checkpoint
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.config import DecoderConfig, Phi4RVConfig, VisionConfig
 from phi4rv.generation.generate import GenerationParams, Request, generate
 from phi4rv.model import Phi4RV
 from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
@@ -65,7 +65,7 @@ def mid_config(tiny: bool) -> Phi4RVConfig:
         decoder = DecoderConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                                 num_key_value_heads=4, max_position_embeddings=4096)
     vision = VisionConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3)
-    return Phi4RVConfig(vision=vision, projector=ProjectorConfig(input_size=128, output_size=decoder.hidden_size), decoder=decoder,
+    return Phi4RVConfig(vision=vision, decoder=decoder,
                         vision_tower="phi4rv/siglip2-mid-patch16-naflex", min_num_patches=16, max_num_patches=256,
                         max_length=4096)
 

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             tokens_per_step = args.batch_tokens * world
             cfg = load_config(None, base=config(args, work / "plan", work / "data.jsonl"))
             cfg.stages["s"].data.tokens_per_step = tokens_per_step
-            from phi4rv.train.loop import load_tokenizer, model_config
+            from phi4rv.train.setup import load_tokenizer, model_config
 
             mc = model_config(cfg, None, load_tokenizer(cfg))
             plan = plan_memory(cfg, "s", mc, world, "cpu", image_fraction=0.0)

@@ -31,6 +31,7 @@ from common import cpu_model, print_table
 from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.config import preset
 from phi4rv.model import Phi4RV
+from phi4rv.train.loss import mean_loss
 
 VARIANTS = {  # name: (dtype, quantize)
     "fp32": ("float32", None),
@@ -55,7 +56,7 @@ def train_toy(steps: int, seed: int) -> Phi4RV:
     torch.manual_seed(seed)
     cfg = preset("tiny")
     cfg.decoder.vocab_size = 512
-    cfg.decoder.hidden_size = cfg.projector.output_size = 128
+    cfg.decoder.hidden_size = 128
     cfg.decoder.intermediate_size = 384
     cfg.decoder.num_hidden_layers = 4
     model = Phi4RV(cfg)
@@ -65,7 +66,7 @@ def train_toy(steps: int, seed: int) -> Phi4RV:
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         ids = sequences(32, 32, g)
-        loss = model(ids, labels=ids)
+        loss = mean_loss(model, ids, ids)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -63,7 +63,7 @@ from common import (
     write_json,
 )
 
-from phi4rv.config import DecoderConfig, Phi4RVConfig, ProjectorConfig, VisionConfig
+from phi4rv.config import DecoderConfig, Phi4RVConfig, VisionConfig
 from phi4rv.data.dataset import Example
 from phi4rv.data.packing import collate, pack_plan, pad_plan
 from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV
@@ -80,7 +80,7 @@ def model_config(args) -> Phi4RVConfig:
     d = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=max(8192, args.max_len))
-    return Phi4RVConfig(vision=v, projector=ProjectorConfig(input_size=v.hidden_size, output_size=d.hidden_size), decoder=d,
+    return Phi4RVConfig(vision=v, decoder=d,
                         min_num_patches=args.min_patches, max_num_patches=args.max_patches)
 
 

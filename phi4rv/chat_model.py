@@ -82,10 +82,8 @@ class ChatModel:
         model = load_model(path, dtype=dtype, device=device, quantize=quantize)
         tokenizer = Tokenizer.from_dir(path)
         pre = path / "preprocessor_config.json"
-        image_cfg = ImageProcessorConfig.from_dict(json.loads(pre.read_text())) if pre.is_file() else ImageProcessorConfig()
-        image_cfg.min_num_patches = model.cfg.min_num_patches
-        image_cfg.max_num_patches = model.cfg.max_num_patches
-        image_cfg.patch_size = model.cfg.vision.patch_size
+        saved = ImageProcessorConfig.from_dict(json.loads(pre.read_text())) if pre.is_file() else None
+        image_cfg = ImageProcessorConfig.from_model(model.cfg, saved)
         gen = path / "generation_config.json"
         generation_config = json.loads(gen.read_text()) if gen.is_file() else {}
         cm = cls(model, tokenizer, image_cfg, generation_config)

@@ -371,9 +371,7 @@ def write_metadata(
     if dtype is not None:
         cfg = cfg.replace(raw={**cfg.raw, "dtype": str(dtype).removeprefix("torch.")})
     cfg.save(path)
-    image_cfg = ImageProcessorConfig(
-        patch_size=cfg.vision.patch_size, min_num_patches=cfg.min_num_patches, max_num_patches=cfg.max_num_patches
-    )
+    image_cfg = ImageProcessorConfig.from_model(cfg)
     (path / "preprocessor_config.json").write_text(json.dumps(image_cfg.to_dict(), indent=2) + "\n")
     gen = generation_config or release_generation_config(cfg)
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""The `phi4rv` command: init, info, chat."""
+"""The `phi4rv` command. init, info and chat are here; serve, train, eval, data and recipe
+register themselves (`register(sub)` in their package's cli.py)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     info = {
         "source": args.preset or str(args.model),
         "vision": vars(cfg.vision),
-        "projector": vars(cfg.projector),
+        "projector": {"type": "mlp2x_gelu", "input_size": cfg.vision.hidden_size, "output_size": cfg.decoder.hidden_size},
         "decoder": vars(cfg.decoder),
         "patches": {"min": cfg.min_num_patches, "max": cfg.max_num_patches, "patch_size": cfg.vision.patch_size},
         "parameters": counts,
@@ -68,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{info['source']}")
     print(f"  vision   SigLIP-2 NaFlex: {v.num_hidden_layers} layers x {v.hidden_size} ({v.num_attention_heads} heads), "
           f"patch {v.patch_size}, {cfg.min_num_patches}-{cfg.max_num_patches} patches/image")
-    print(f"  projector {cfg.projector.kind}: {cfg.projector.input_size} -> {cfg.projector.output_size}")
+    print(f"  projector mlp2x_gelu: {v.hidden_size} -> {dc.hidden_size}")
     print(f"  decoder  Phi-3: {dc.num_hidden_layers} layers x {dc.hidden_size}, {dc.num_attention_heads} q / "
           f"{dc.num_key_value_heads} kv heads of {dc.head_dim}, rope theta {dc.rope_theta:g} "
           f"(rotary {dc.rotary_dim}/{dc.head_dim}), vocab {dc.vocab_size}")
@@ -165,39 +166,6 @@ def _print_stream(cm, messages, images, mode, params) -> str:
     return answer.strip()
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from phi4rv.chat_model import ChatModel
-    from phi4rv.serve.app import ServeSettings, create_app, run
-
-    if args.allow_local_images is not None and not args.allow_local_images.is_dir():
-        raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
-                        quantize=args.quantize)
-    settings = ServeSettings(
-        served_model_name=args.served_model_name or args.model.resolve().name,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        allow_local_images=args.allow_local_images,
-        allow_remote_images=args.allow_remote_images,
-        max_images=args.max_images,
-        request_timeout=args.request_timeout,
-        default_max_tokens=args.default_max_tokens,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        max_image_pixels=args.max_image_pixels,
-        max_request_pixels=args.max_request_pixels,
-        image_timeout=args.image_timeout,
-        allow_special_tokens=args.allow_special_tokens,
-        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
-    )
-    app = create_app(cm, settings)
-    engine = app.state.engine
-    print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
-          f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
-          file=sys.stderr, flush=True)
-    run(app, args.host, args.port, args.log_level)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phi4rv", description="Phi-4-reasoning-vision in plain PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,39 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("prompt", nargs="?", help="without a prompt: interactive session")
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    s.add_argument("--model", required=True, type=Path)
-    s.add_argument("--host", default="127.0.0.1", help="default: loopback only")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
-    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
-    s.add_argument("--max-images", type=int, default=8, help="images per request")
-    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
-    s.add_argument("--default-max-tokens", type=int, default=4096, help="when a request sets no max_tokens")
-    s.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR", help="serve image paths under DIR")
-    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
-    s.add_argument("--max-body-mb", type=float, default=64, help="request body limit, chunked bodies included")
-    s.add_argument("--max-image-pixels", type=int, default=36_000_000, help="per image, checked before decoding")
-    s.add_argument("--max-request-pixels", type=int, default=100_000_000, help="all images of one request")
-    s.add_argument("--image-timeout", type=float, default=30.0, help="seconds for a request's image work")
-    s.add_argument("--allow-special-tokens", action="store_true",
-                   help="let message text spell control tokens (default: encoded as plain text)")
-    s.add_argument("--prefix-cache-mb", type=float, default=256, help="KV of shared prompt prefixes (0 = off)")
-    s.add_argument("--max-num-patches", type=int, default=None,
-                   help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
-    s.add_argument("--dtype", default=None, choices=list(DTYPES))
-    s.add_argument("--device", default=None)
-    s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
-    s.add_argument("--log-level", default="warning")
-    s.set_defaults(func=cmd_serve)
     from phi4rv.data.cli import register as register_data
     from phi4rv.eval.cli import register as register_eval
     from phi4rv.recipe.cli import register as register_recipe
+    from phi4rv.serve.cli import register as register_serve
     from phi4rv.train.cli import register as register_train
 
-    for register in (register_train, register_eval, register_data, register_recipe):
+    for register in (register_serve, register_train, register_eval, register_data, register_recipe):
         register(sub)
     return p
 

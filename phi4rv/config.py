@@ -41,13 +41,6 @@ class VisionConfig:
 
 
 @dataclass
-class ProjectorConfig:
-    kind: str = "mlp2x_gelu"
-    input_size: int = 1152  # vision hidden size (`mm_hidden_size`)
-    output_size: int = 5120  # decoder hidden size
-
-
-@dataclass
 class DecoderConfig:
     """Phi-3 architecture decoder (Phi-4-reasoning shapes by default)."""
 
@@ -108,7 +101,6 @@ _OPTIONAL_VISION_KEYS = {"patch_size", "num_channels", "num_patches", "layer_nor
 @dataclass
 class Phi4RVConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     vision_tower: str = "google/siglip2-so400m-patch16-naflex"
     min_num_patches: int = 256
@@ -141,12 +133,11 @@ class Phi4RVConfig:
             m = re.search(r"patch(\d+)", tower)
             if m:
                 vis.patch_size = int(m.group(1))
-        projector = ProjectorConfig(
-            input_size=d.get("mm_hidden_size", vis.hidden_size), output_size=decoder.hidden_size
-        )
+        if d.get("mm_hidden_size", vis.hidden_size) != vis.hidden_size:
+            raise ValueError(f"config.json: mm_hidden_size {d['mm_hidden_size']} differs from the vision tower's "
+                             f"hidden_size {vis.hidden_size} (the projector reads the tower's output)")
         return cls(
             vision=vis,
-            projector=projector,
             decoder=decoder,
             vision_tower=tower,
             min_num_patches=d.get("min_num_patches", 256),
@@ -174,8 +165,8 @@ class Phi4RVConfig:
         d.setdefault("attention_bias", False)
         d.update(
             mm_vision_tower=self.vision_tower,
-            mm_projector_type=self.projector.kind,
-            mm_hidden_size=self.projector.input_size,
+            mm_projector_type="mlp2x_gelu",  # the only projector (vision width -> decoder width)
+            mm_hidden_size=self.vision.hidden_size,
             min_num_patches=self.min_num_patches,
             max_num_patches=self.max_num_patches,
             bos_token_id=self.bos_token_id,
@@ -229,7 +220,6 @@ def _tiny() -> Phi4RVConfig:
     )
     return Phi4RVConfig(
         vision=vision,
-        projector=ProjectorConfig(input_size=64, output_size=64),
         decoder=decoder,
         vision_tower="phi4rv/siglip2-tiny-patch16-naflex",
         min_num_patches=16,
@@ -251,7 +241,6 @@ def _small() -> Phi4RVConfig:
     )
     return Phi4RVConfig(
         vision=vision,
-        projector=ProjectorConfig(input_size=192, output_size=512),
         decoder=decoder,
         vision_tower="phi4rv/siglip2-small-patch16-naflex",
         min_num_patches=16,

@@ -216,7 +216,7 @@ print(before, after, weights)
 def test_loading_peak_memory_stays_near_weight_size(tmp_path):
     cfg = preset("tiny")
     cfg.decoder.num_hidden_layers = 8
-    cfg.decoder.hidden_size = cfg.projector.output_size = 512
+    cfg.decoder.hidden_size = 512
     cfg.decoder.intermediate_size = 2048
     torch.manual_seed(0)
     model = Phi4RV(cfg)

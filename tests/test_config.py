@@ -22,7 +22,7 @@ def test_release_config_fields():
     assert cfg.vision.patch_size == 16  # implied by the tower name
     assert (cfg.decoder.head_dim, cfg.decoder.num_key_value_heads, cfg.decoder.rotary_dim) == (128, 10, 128)
     assert (cfg.min_num_patches, cfg.max_num_patches, cfg.max_length) == (256, 3600, 8192)
-    assert cfg.projector.input_size == 1152 and cfg.projector.output_size == 5120
+    assert (cfg.vision.hidden_size, cfg.decoder.hidden_size) == (1152, 5120)  # the projector's in and out
 
 
 def test_unknown_fields_survive_edits():
@@ -39,13 +39,15 @@ def test_unknown_fields_survive_edits():
 def test_tiny_preset_round_trips():
     cfg = preset("tiny")
     again = Phi4RVConfig.from_hf(cfg.to_hf())
-    assert (again.vision, again.decoder, again.projector) == (cfg.vision, cfg.decoder, cfg.projector)
+    assert (again.vision, again.decoder) == (cfg.vision, cfg.decoder)
 
 
 def test_bad_configs_are_refused():
     ref = json.loads((FIXTURES / "config.json").read_text())
     with pytest.raises(ValueError, match="mm_projector_type"):
         Phi4RVConfig.from_hf({**ref, "mm_projector_type": "linear"})
+    with pytest.raises(ValueError, match="mm_hidden_size"):
+        Phi4RVConfig.from_hf({**ref, "mm_hidden_size": 1024})
     with pytest.raises(ValueError, match="vision_config"):
         Phi4RVConfig.from_hf({k: v for k, v in ref.items() if k != "vision_config"})
     with pytest.raises(ValueError, match="preset"):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from phi4rv.config import preset
 from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV, expand_image_tokens
+from phi4rv.train.loss import mean_loss
 
 I = IMAGE_TOKEN_ID
 
@@ -73,9 +74,9 @@ def test_loss_ignores_image_positions():
     model = tiny()
     pix, grids = images((2, 2))
     ids = torch.tensor([[3, 4] + [I] * 4 + [7, 8, 9]])
-    labels = ids.clone()  # image positions deliberately not -100: the model must mask them itself
+    labels = ids.clone()  # image positions deliberately not -100: the loss must mask them itself
     with torch.no_grad():
-        loss = model(ids, torch.cat(pix), grids, labels=labels)
+        loss = mean_loss(model, ids, labels, torch.cat(pix), grids)
         logits = model(ids, torch.cat(pix), grids)
     target = labels.masked_fill(ids == I, IGNORE_INDEX)[0, 1:]
     keep = target != IGNORE_INDEX
@@ -102,3 +103,9 @@ def test_bidirectional_flag_lets_patches_see_later_patches_of_their_image_only()
         assert moved[3:].min() > 0  # the patch itself and everything after it
     moved = moved_by(tiny(bidirectional=True), row=4)  # last patch of image 2
     assert moved[:5].max() == 0 and moved[5] > 0  # never reaches image 1 or the text between
+
+
+def test_forward_refuses_padded_and_packed_rows_at_once():
+    ids = torch.tensor([[3, 4, 5]])
+    with pytest.raises(ValueError, match="not both"):
+        tiny()(ids, padding_mask=torch.ones_like(ids, dtype=torch.bool), segment_ids=torch.ones_like(ids))

@@ -217,6 +217,19 @@ def test_config_roundtrip():
     assert ImageProcessorConfig.from_dict(other.to_dict()) == other
 
 
+def test_config_from_model_takes_patch_settings_from_the_model_and_the_rest_from_base():
+    from phi4rv.config import Phi4RVConfig, VisionConfig
+
+    model_cfg = Phi4RVConfig(vision=VisionConfig(patch_size=14), min_num_patches=4, max_num_patches=64)
+    cfg = ImageProcessorConfig.from_model(model_cfg)
+    assert (cfg.patch_size, cfg.min_num_patches, cfg.max_num_patches) == (14, 4, 64)
+    assert cfg.image_mean == ImageProcessorConfig().image_mean
+    base = ImageProcessorConfig(max_num_patches=9, image_mean=(0.1, 0.2, 0.3))
+    cfg = ImageProcessorConfig.from_model(model_cfg, base)
+    assert (cfg.patch_size, cfg.max_num_patches, cfg.image_mean) == (14, 64, (0.1, 0.2, 0.3))
+    assert base.max_num_patches == 9  # not changed in place
+
+
 # ------------------------------------------------------------------------------------------------
 # input handling
 

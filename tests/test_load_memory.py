@@ -32,7 +32,6 @@ if args["op"] == "init":
     cfg = preset("tiny")
     for k, v in args["decoder"].items():
         setattr(cfg.decoder, k, v)
-    cfg.projector.output_size = cfg.decoder.hidden_size
     budget = args["budget"]
     # a hard limit as well as the measurement: private allocations past the budget fail
     data = status("VmData")
@@ -74,7 +73,7 @@ def mid_ckpt(tmp_path_factory):
     """~260 MB of bf16: the real vocabulary at width 640, four layers, the largest tensors 128 MB."""
     cfg = preset("tiny")
     cfg.decoder.vocab_size = 100352
-    cfg.decoder.hidden_size = cfg.projector.output_size = 640
+    cfg.decoder.hidden_size = 640
     cfg.decoder.intermediate_size = 1792
     cfg.decoder.num_hidden_layers = 4
     cfg.decoder.num_attention_heads, cfg.decoder.num_key_value_heads = 10, 2

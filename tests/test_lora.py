@@ -10,15 +10,17 @@ from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.config import preset
 from phi4rv.lora import LoRALinear, apply_lora, export_merged, merge_lora
 from phi4rv.model import IMAGE_TOKEN_ID, Phi4RV, expand_image_tokens
+from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train import loop
 from phi4rv.train.config import load_config
 from phi4rv.train.metrics import read_metrics
-from phi4rv.train.toy import TINY_OVERRIDES, build_byte_tokenizer, toy_config, write_toy
+from phi4rv.train.setup import apply_overrides
+from phi4rv.train.toy import TINY_OVERRIDES, TOY_TEMPLATE, toy_config, write_toy
 
 
 def tiny(vocab=352) -> Phi4RV:
-    cfg = loop._override(preset("tiny"), TINY_OVERRIDES)
+    cfg = apply_overrides(preset("tiny"), TINY_OVERRIDES)
     cfg.decoder.vocab_size = vocab
     torch.manual_seed(0)
     m = Phi4RV(cfg)
@@ -73,7 +75,7 @@ def test_export_merged_is_a_release_checkpoint(tmp_path):
     randomise_adapters(model)
     with torch.no_grad():
         expected = model(**inputs())
-    tokenizer = Tokenizer.from_dir(build_byte_tokenizer(tmp_path / "tok"))
+    tokenizer = Tokenizer.from_dir(build_byte_tokenizer(tmp_path / "tok", TOY_TEMPLATE))
     export_merged(model, tmp_path / "merged", tokenizer=tokenizer)
     assert any(isinstance(m, LoRALinear) for m in model.modules())  # the training model is untouched
     loaded = load_model(tmp_path / "merged")  # strict: no lora keys, nothing missing
@@ -86,7 +88,7 @@ def test_export_merged_is_a_release_checkpoint(tmp_path):
 def lora_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     toy = write_toy(root / "toy", n_train=96, n_test=8)
-    tok = Tokenizer.from_dir(build_byte_tokenizer(root / "tok"))
+    tok = Tokenizer.from_dir(build_byte_tokenizer(root / "tok", TOY_TEMPLATE))
     base = save_checkpoint(tiny(), root / "base", tokenizer=tok)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

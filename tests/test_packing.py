@@ -11,14 +11,15 @@ from phi4rv.data.dataset import SampleEncoder
 from phi4rv.data.packing import collate, pack_plan, pad_plan
 from phi4rv.model import IGNORE_INDEX, Phi4RV
 from phi4rv.model.vlm import segment_positions
+from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
-from phi4rv.train.toy import add_sample, build_byte_tokenizer, colour_sample
+from phi4rv.train.toy import TOY_TEMPLATE, add_sample, colour_sample
 
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
-    tok = Tokenizer.from_dir(build_byte_tokenizer(tmp_path_factory.mktemp("tok")))
+    tok = Tokenizer.from_dir(build_byte_tokenizer(tmp_path_factory.mktemp("tok"), TOY_TEMPLATE))
     return SampleEncoder(tok, ImageProcessorConfig(min_num_patches=4, max_num_patches=64), max_len=400)
 
 

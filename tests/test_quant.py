@@ -14,6 +14,7 @@ from phi4rv.checkpoint import CheckpointError, _check_memory, load_model, save_c
 from phi4rv.config import preset
 from phi4rv.model import Phi4RV
 from phi4rv.model.quant import Int4Linear, Int8Linear
+from phi4rv.train.loss import mean_loss
 
 # int4 bound on the trained toy model below: mean per-token KL(fp32 || int4) in nats, and how
 # often the greedy token may change (measured 2026-11-29: KL 0.0022, agreement 0.9985)
@@ -41,7 +42,7 @@ def trained_ckpt(tmp_path_factory):
     try:
         for _ in range(150):
             ids = counting_batch(32, 24)
-            loss = model(ids, labels=ids)
+            loss = mean_loss(model, ids, ids)
             opt.zero_grad()
             loss.backward()
             opt.step()

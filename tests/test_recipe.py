@@ -97,11 +97,12 @@ def test_curation_removes_every_planted_defect(tmp_path):
 
 
 def test_bpe_tokenizer_learns_numbers_and_keeps_phi4_specials(tmp_path):
+    from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
     from phi4rv.processing.tokenizer import Tokenizer
-    from phi4rv.train.toy import build_byte_tokenizer
+    from phi4rv.train.toy import TOY_TEMPLATE
 
     corpus = [m["content"] for s in world.reasoning_text(300, 0) for m in s.messages]
-    build_byte_tokenizer(tmp_path, corpus=corpus, vocab_size=400)
+    build_byte_tokenizer(tmp_path, TOY_TEMPLATE, corpus=corpus, vocab_size=400)
     tok = Tokenizer.from_dir(tmp_path)
     for text in ("What is 7*8?", "red 4, blue 7\n4+7=11", "naïve ünïcode ✓ not in the corpus"):
         assert tok.decode(tok.encode(text)) == text
@@ -299,7 +300,6 @@ def test_rerun_skips_finished_steps(recipe_runs, capsys):
 def test_ablate_runs_the_three_lessons_on_one_held_out_split(recipe_runs, capsys):
     from phi4rv.checkpoint import load_model
     from phi4rv.recipe.ablate import ARMS, run_ablations
-    from phi4rv.train.loop import image_config
 
     root, _, _ = recipe_runs
     preset = get_preset("test")
@@ -312,7 +312,7 @@ def test_ablate_runs_the_three_lessons_on_one_held_out_split(recipe_runs, capsys
 
     # resolution: the low arm's model really sees fewer patches of the same image
     held = next(iter(read_samples(root / "a" / "data" / "mix" / "heldout")))
-    grids = {arm: process_image(held.images[0], image_config(load_model(arms[arm]["model"]).cfg)).grid
+    grids = {arm: process_image(held.images[0], ImageProcessorConfig.from_model(load_model(arms[arm]["model"]).cfg)).grid
              for arm in ("reference", "low_res")}
     assert math.prod(grids["low_res"]) <= preset.ablate_low_patches < math.prod(grids["reference"])
 

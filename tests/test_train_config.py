@@ -104,7 +104,8 @@ def test_shipped_configs_are_valid(tmp_path, monkeypatch):
 
 
 def _tokenizer():
+    from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
     from phi4rv.processing.tokenizer import Tokenizer
-    from phi4rv.train.toy import build_byte_tokenizer
+    from phi4rv.train.toy import TOY_TEMPLATE
 
-    return Tokenizer.from_dir(build_byte_tokenizer(Path("_tok")))
+    return Tokenizer.from_dir(build_byte_tokenizer(Path("_tok"), TOY_TEMPLATE))

@@ -18,10 +18,11 @@ from PIL import Image
 
 from phi4rv.checkpoint import load_model
 from phi4rv.data.formats import Sample, write_jsonl
+from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.train.config import load_config
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
-from phi4rv.train.toy import add_sample, build_byte_tokenizer, colour_sample, toy_config, write_toy
+from phi4rv.train.toy import TOY_TEMPLATE, add_sample, colour_sample, toy_config, write_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
@@ -104,7 +105,7 @@ def test_uneven_shares_keep_processes_in_step(tmp_path):
     of one micro-batch (nothing for the second process) and of three (2 + 1); two processes then
     match one process step for step."""
     data = tmp_path / "data"
-    build_byte_tokenizer(data / "tokenizer")
+    build_byte_tokenizer(data / "tokenizer", TOY_TEMPLATE)
     rng = random.Random(0)
     c, a, b = colour_sample, add_sample, broken_colour_sample
     # unshuffled, one sample per micro-batch (121-138 tokens, rows of 192), two micro-batches a step:

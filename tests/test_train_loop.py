@@ -133,7 +133,7 @@ def test_projector_only_stage_changes_only_the_projector_then_next_stage_continu
     cfg["eval"] = {"datasets": [{"path": str(toy / "test.jsonl")}], "generate": 4, "max_new_tokens": 8}
     finals = run(load_config(None, base=cfg))
     torch.manual_seed(0)  # the starting point: the preset's seeded init, rebuilt
-    from phi4rv.train.loop import build_model, load_tokenizer, model_config
+    from phi4rv.train.setup import build_model, load_tokenizer, model_config
 
     c = load_config(None, base=cfg)
     start = build_model(c, c.stages["align"], model_config(c, None, load_tokenizer(c)), None, None).state_dict()

@@ -8,8 +8,7 @@ from phi4rv.config import preset
 from phi4rv.data.dataset import Example
 from phi4rv.data.packing import collate
 from phi4rv.model.vlm import IGNORE_INDEX, Phi4RV
-from phi4rv.train.loop import loss_terms
-from phi4rv.train.loss import chunked_cross_entropy
+from phi4rv.train.loss import chunked_cross_entropy, loss_terms
 from phi4rv.train.toy import TINY_OVERRIDES
 
 
@@ -63,7 +62,6 @@ def test_model_loss_terms_chunked_equal_unchunked():
             node = getattr(node, p)
         setattr(node, leaf, v)
     mc.decoder.vocab_size = 512
-    mc.projector.input_size, mc.projector.output_size = mc.vision.hidden_size, mc.decoder.hidden_size
     model = Phi4RV(mc)
     model.init_weights()
     rows = []

@@ -3,9 +3,10 @@
 import pytest
 
 from phi4rv.cli import main
-from phi4rv.train.config import ConfigError, load_config
-from phi4rv.train.loop import load_tokenizer, model_config, run
-from phi4rv.train.plan import parse_size, plan_memory
+from phi4rv.train.config import ConfigError, load_config, parse_size
+from phi4rv.train.loop import run
+from phi4rv.train.plan import plan_memory
+from phi4rv.train.setup import load_tokenizer, model_config
 from phi4rv.train.toy import toy_config, write_toy
 
 

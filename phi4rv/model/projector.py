@@ -2,13 +2,11 @@
 
 from torch import nn
 
-from phi4rv.config import ProjectorConfig
 
-
-def build_projector(cfg: ProjectorConfig) -> nn.Sequential:
+def build_projector(vision_size: int, decoder_size: int) -> nn.Sequential:
     # nn.Sequential keeps the release's weight names: mm_projector.0 and mm_projector.2
     return nn.Sequential(
-        nn.Linear(cfg.input_size, cfg.output_size),
+        nn.Linear(vision_size, decoder_size),
         nn.GELU(),
-        nn.Linear(cfg.output_size, cfg.output_size),
+        nn.Linear(decoder_size, decoder_size),
     )

@@ -8,7 +8,6 @@ No begin/end tokens and no row separators, as in the release.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from phi4rv.config import Phi4RVConfig
@@ -67,7 +66,7 @@ class Phi4RV(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision)
-        self.projector = build_projector(cfg.projector)
+        self.projector = build_projector(cfg.vision.hidden_size, cfg.decoder.hidden_size)
         self.decoder = Decoder(cfg.decoder)
 
     @torch.no_grad()
@@ -113,38 +112,37 @@ class Phi4RV(nn.Module):
         input_ids: torch.Tensor,  # [B, T], images already expanded (expand_image_tokens)
         pixels: torch.Tensor | None = None,  # [N, C*p*p] all images of the batch, packed in order
         grids: list[Grid] | None = None,
-        padding_mask: torch.Tensor | None = None,  # [B, T] bool, True = real token
+        padding_mask: torch.Tensor | None = None,  # [B, T] bool, True = real token (left-padded rows)
         positions: torch.Tensor | None = None,  # [B, T]
-        labels: torch.Tensor | None = None,  # [B, T]; shifted inside, image positions ignored
         segment_ids: torch.Tensor | None = None,  # [B, T] packed rows: sample id per position, 0 = padding
         logits_at: torch.Tensor | None = None,  # [B, T] bool: only these positions' logits, as [N, V]
         always_run_vision: bool = False,  # no images: run the vision tower on a blank patch, times 0
         hidden_only: bool = False,  # return the final hidden states, not logits (the caller applies lm_head)
     ) -> torch.Tensor:
-        """Logits [B, T, V], or the mean next-token loss when `labels` are given.
+        """Logits [B, T, V] ([N, V] with `logits_at`; final hidden states with `hidden_only`).
 
         With `segment_ids`, several samples share a row: attention is block-causal (no sample sees
         another) and default positions restart at 0 for each sample. `logits_at` skips the LM head
-        where no loss is taken (image and prompt positions are most of a VLM's sequence).
+        where no loss is taken (image and prompt positions are most of a VLM's sequence). The loss
+        lives with training (`phi4rv.train.loss`).
         """
-        if (logits_at is not None or hidden_only) and labels is not None:
-            raise ValueError("give labels (mean loss) or logits_at (selected logits), not both")
+        if segment_ids is not None and padding_mask is not None:
+            raise ValueError("give padding_mask (padded rows) or segment_ids (packed rows), not both")
         grids = grids or []
         feats = self.encode_images(pixels, grids) if grids else None
         blank = None
         if always_run_vision and not grids:
             # sharded training: every process runs the same layers in the same order whatever its
-            # data (see train.loop), so the blank patch goes through the tower where images would
+            # data (see train.loss), so the blank patch goes through the tower where images would
             blank = self.encode_images(torch.zeros(1, self.cfg.vision.patch_dim, device=input_ids.device), [(1, 1)])
         x = self.embed(input_ids, feats)
         if blank is not None:
             x = x + blank.sum().to(x.dtype) * 0.0
+        valid = padding_mask
         if segment_ids is not None:
-            valid = segment_ids > 0 if padding_mask is None else padding_mask & (segment_ids > 0)
+            valid = segment_ids > 0
             if positions is None:
                 positions = segment_positions(segment_ids)
-        else:
-            valid = padding_mask
         if positions is None:
             positions = default_positions(padding_mask, input_ids)
         mask = segments = None
@@ -152,11 +150,9 @@ class Phi4RV(nn.Module):
             valid = valid if valid is not None else torch.ones_like(input_ids, dtype=torch.bool)
             image_ids = image_segment_ids(input_ids, [h * w for h, w in grids])
             mask = attention_mask(valid, input_ids.shape[1], image_ids, segment_ids)
-        elif segment_ids is not None and padding_mask is None:
+        elif segment_ids is not None:
             # no [T, T] mask: attention runs per sample (trailing padding is a segment of its own)
             segments = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in segment_ids]
-        elif segment_ids is not None:
-            mask = attention_mask(valid, input_ids.shape[1], segment_ids=segment_ids)
         elif padding_mask is not None and not bool(padding_mask.all()):
             mask = attention_mask(padding_mask, input_ids.shape[1])
         h = self.decoder(x, positions, mask, segments=segments)
@@ -164,13 +160,7 @@ class Phi4RV(nn.Module):
             h = h[logits_at]
         if hidden_only:
             return h
-        logits = self.decoder.lm_head(h)
-        if labels is None:
-            return logits
-        labels = labels.masked_fill(input_ids == IMAGE_TOKEN_ID, IGNORE_INDEX)
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return self.decoder.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.cfg.decoder, batch, max_len, self.device, self.dtype)

@@ -12,12 +12,15 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Union
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from phi4rv.config import Phi4RVConfig
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -35,6 +38,12 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
     max_pixels: int = 89_478_485  # decompression-bomb limit (PIL's default), checked before decoding
+
+    @classmethod
+    def from_model(cls, cfg: Phi4RVConfig, base: ImageProcessorConfig | None = None) -> ImageProcessorConfig:
+        """`base` (default: the defaults) with the patch size and patch budget the model was built for."""
+        return replace(base or cls(), patch_size=cfg.vision.patch_size, min_num_patches=cfg.min_num_patches,
+                       max_num_patches=cfg.max_num_patches)
 
     @classmethod
     def from_dict(cls, d: dict) -> ImageProcessorConfig:

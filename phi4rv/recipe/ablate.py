@@ -22,7 +22,7 @@ from typing import Any
 
 from phi4rv.data.formats import Sample, mode_of, read_samples
 from phi4rv.recipe import data as world
-from phi4rv.recipe.run import Runner, say, train_config
+from phi4rv.recipe.runner import Runner, say, train_config
 from phi4rv.recipe.steps import write_shard
 
 ARMS = ("reference", "low_res", "uncurated", "curated", "think_0", "think_1")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from phi4rv.processing.chat import MODES
+from phi4rv.recipe.runner import LINES, STEPS
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "examples" / "images" / "photo.jpg"
 TARGETS = {"minutes": 20.0, "perception": 80.0, "think_gain": 20.0, "auto_choice": 90.0}
@@ -111,8 +112,6 @@ def render(r: Any, results: dict[str, Any]) -> str:
         "questions (sum of all cards, product of two) are reasoned in `<think>`.", "",
         "## Steps", "", "| step | seconds | CPU seconds | result |", "|---|---:|---:|---|",
     ]
-    from phi4rv.recipe.run import STEPS
-
     cpu = sum(results[name].get("cpu_seconds", 0.0) for name in STEPS[:-1])
     for name in STEPS[:-1]:
         x = results[name]
@@ -163,8 +162,6 @@ def _validation_rows(run: Path) -> list[str]:
 
 
 def _summary(name: str, x: dict[str, Any]) -> str:
-    from phi4rv.recipe.run import LINES
-
     return LINES[name](x)
 
 

@@ -12,7 +12,8 @@ from phi4rv.data.formats import Sample, read_samples, write_parquet
 from phi4rv.processing.chat import MODES
 from phi4rv.recipe import data as world
 from phi4rv.recipe.heldout import HeldOut
-from phi4rv.recipe.run import Runner, stage, train_config
+from phi4rv.recipe.report import render
+from phi4rv.recipe.runner import Runner, stage, train_config
 
 
 def write_shard(samples: list[Sample], folder: Path) -> Path:
@@ -25,8 +26,8 @@ def write_shard(samples: list[Sample], folder: Path) -> Path:
 def make_tokenizer(r: Runner) -> dict[str, Any]:
     """Byte-level BPE learned from the recipe's own text (none of stage 0's held-out prompts),
     Phi-4's special tokens after it."""
+    from phi4rv.processing.byte_tokenizer import build_byte_tokenizer, template_with_system
     from phi4rv.processing.tokenizer import Tokenizer
-    from phi4rv.train.toy import build_byte_tokenizer, template_with_system
 
     p, d = r.p, r.p.difficulty()
     held = HeldOut().add(text_heldout(r))
@@ -122,13 +123,13 @@ def stage_steps(stage_dir: Path) -> int:
 def pretrain_vision_encoder(r: Runner) -> dict[str, Any]:
     """Stage 0: the vision encoder by sigmoid contrastive loss; then both halves in one checkpoint."""
     from phi4rv.checkpoint import load_model, save_checkpoint
+    from phi4rv.processing.image import ImageProcessorConfig
     from phi4rv.processing.tokenizer import Tokenizer
     from phi4rv.recipe.contrastive import ContrastiveConfig, pretrain_vision
-    from phi4rv.train.loop import image_config
 
     p = r.p
     base = load_model(json.loads((r.steps_dir / "stage0_decoder.json").read_text())["checkpoint"])
-    image_cfg = image_config(base.cfg)
+    image_cfg = ImageProcessorConfig.from_model(base.cfg)
     pairs = [(s.images[0], s.meta["answer"]) for s in read_samples(r.data("captions"))]
     heldout = [(s.images[0], s.meta["answer"]) for s in read_samples(r.data("captions_heldout"))]
     state, info = pretrain_vision(base.cfg.vision, pairs, heldout, image_cfg,
@@ -228,8 +229,6 @@ def mode_table(eval_dir: Path, modes: tuple[str, ...] = MODES) -> dict[str, Any]
 
 
 def write_report(r: Runner, results: dict[str, Any]) -> dict[str, Any]:
-    from phi4rv.recipe.report import render
-
     path = r.out / "REPORT.md"
     path.write_text(render(r, results))
     return {"path": str(path)}

@@ -1,8 +1,10 @@
 """Training in declarative stages: `train("configs/tiny_recipe.yaml", ["seed=1"])` is `phi4rv train`.
 
-config.py (typed YAML + overrides) -> loop.py (stages, steps) with stages.py (what trains),
-distributed.py (FSDP2 / torchrun), checkpointing.py (exact resume), metrics.py (JSONL,
-TensorBoard, plot); toy.py is a tiny tokenizer + dataset for tests and demos.
+config.py (typed YAML + overrides) -> loop.py (stages in order; one stage's steps), which uses
+setup.py (tokenizer, model config, model + LoRA + optimizer), batches.py (data measured, planned,
+loaded), loss.py, evaluation.py, stages.py (what trains), distributed.py (FSDP2 / torchrun),
+checkpointing.py (exact resume, final export), metrics.py (JSONL, TensorBoard, plot) and plan.py
+(memory plan); toy.py is a tiny dataset and config for tests and demos.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from phi4rv.checkpoint import save_checkpoint
 from phi4rv.lora import StateView, is_lora_param, lora_scales, merge_state_dict
@@ -156,3 +157,14 @@ def load_trainer_state(ckpt: Path, d: Dist) -> tuple[dict, dict]:
 
 def load_trainable(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "trainer" / "trainable.safetensors"))
+
+
+def export_final(model: nn.Module, out: Path, tokenizer, d: Dist, lora: bool, dtype: torch.dtype | None = None) -> Path:
+    """The stage's result as a release-format checkpoint (LoRA adapters merged), in `dtype` if given."""
+    weights = full_model_state(model, d)
+    if d.main:
+        if lora:
+            weights = merge_state_dict(weights, lora_scales(model))
+        save_checkpoint(StateView(model.cfg, weights), out, tokenizer=tokenizer, dtype=dtype)
+    d.barrier()
+    return out

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise ConfigError("give a CONFIG file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
     if args.plan:
-        from phi4rv.train.plan import parse_size
+        from phi4rv.train.config import parse_size
 
         try:
             memory = parse_size(args.device_memory) if args.device_memory else None
@@ -42,8 +42,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def memory_plan_report(cfg, world: int, device: str, device_memory: int | None) -> str:
-    from phi4rv.train.loop import load_tokenizer, model_config
     from phi4rv.train.plan import options_that_fit, plan_memory
+    from phi4rv.train.setup import load_tokenizer, model_config
 
     if world < 1:
         raise ConfigError(f"--world must be >= 1, got {world}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -280,6 +281,15 @@ def _check_dataset(d: DatasetConfig, where: str) -> None:
         raise ConfigError(f"{where}.image_root: folder not found: {d.image_root}")
 
 
+def parse_size(text: str) -> int:
+    """'24GB', '80GiB', '512MB', '1.5T' -> bytes (GB and GiB both mean 2**30: what GPUs advertise)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 24GB, 80GiB, 512MB)")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
 def validate(cfg: TrainConfig) -> None:
     m = cfg.model
     if (m.checkpoint is None) == (m.preset is None):
@@ -355,8 +365,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.eval.every < 0 or cfg.eval.generate < 0 or cfg.eval.max_new_tokens < 1:
         raise ConfigError("eval: every >= 0, generate >= 0 and max_new_tokens >= 1 are required")
     if cfg.device_memory is not None:
-        from phi4rv.train.plan import parse_size
-
         try:
             parse_size(cfg.device_memory)
         except ValueError as e:

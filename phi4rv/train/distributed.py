@@ -15,11 +15,13 @@ by every rank).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 
 @dataclass
@@ -49,12 +51,11 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
-    def broadcast_object(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+
+def say(d: Dist, msg: str) -> None:
+    """A progress line on stderr, from the main process only (above any progress bar)."""
+    if d.main:
+        tqdm.write(msg, file=sys.stderr)
 
 
 def init_distributed(device: str = "auto") -> Dist:

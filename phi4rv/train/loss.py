@@ -5,11 +5,22 @@ and autograd keeps them (and their softmax) until the backward pass. Here the fo
 chunk's logits, keeps only one log-sum-exp per token, and drops them; the backward recomputes each
 chunk's logits once more and turns them straight into gradients (softmax - one-hot), so the peak
 is one chunk's logits (chunk x vocab floats) instead of all of them, for one more head matmul.
+
+`loss_terms` is the training loss of a batch: the model's forward (the model returns logits only),
+then this (or, with chunking off, plain cross-entropy over the scored positions' logits).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
+
+from phi4rv.data.packing import Batch
+from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
+from phi4rv.train.config import TrainConfig
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -70,3 +81,59 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         hidden = hidden.to(weight.dtype)
     with torch.autocast(device_type, enabled=False):
         return _ChunkedHeadCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The run's compute precision: bfloat16 autocast, or nothing (the weights' dtype)."""
+    if cfg.precision == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_terms(model: Phi4RV, batch: Batch, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of correct argmax predictions) over the batch's targets.
+
+    With `chunk` > 0 the LM head and the loss run `chunk` scored tokens at a time
+    (`chunked_cross_entropy`), never holding the whole [tokens, vocab] logits; 0 computes them at once."""
+    # Under FSDP every process must run every sharded unit, in the same order, the same number of
+    # times (each forward all-gathers a unit's parameters, each backward reduce-scatters its
+    # gradients): a micro-batch without images (text only, a filler, samples dropped while
+    # loading) still runs the vision tower, on a blank patch that adds exactly zero. One process
+    # does the same, so that a step without images gives the vision tower zero gradients (AdamW
+    # still moves it by its momentum) with any number of processes, not none.
+    return scored_loss(model, batch.model_inputs(), batch.targets, chunk, always_run_vision=True)
+
+
+def scored_loss(model: Phi4RV, inputs: dict, targets: torch.Tensor, chunk: int = 0,
+                always_run_vision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, number of correct argmax predictions) of the model's forward on
+    `inputs`, where `targets` [B, T] (the next token at each position) is not IGNORE_INDEX."""
+    scored = targets != IGNORE_INDEX
+    targets = targets[scored]
+    head = model.decoder.lm_head
+    if chunk and type(head) is torch.nn.Linear and head.bias is None:
+        hidden = model(**inputs, logits_at=scored, always_run_vision=always_run_vision, hidden_only=True)
+        # after the forward, FSDP2 leaves the root's parameters (the LM head among them) unsharded
+        return chunked_cross_entropy(hidden, head.weight, targets, chunk)
+    logits = model(**inputs, logits_at=scored, always_run_vision=always_run_vision).float()  # [N, V]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.argmax(-1) == targets).sum()
+    return loss, correct
+
+
+def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] targets for `labels` aligned with `input_ids`: each position's target is the next
+    label; the last position and image positions carry no loss."""
+    labels = labels.masked_fill(input_ids == IMAGE_TOKEN_ID, IGNORE_INDEX)
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def mean_loss(model: Phi4RV, input_ids: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor | None = None,
+              grids: list | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of unpadded rows (`labels` aligned with `input_ids`, as a
+    causal LM's labels are; image positions are never scored)."""
+    targets = next_token_targets(input_ids, labels)
+    total, _ = scored_loss(model, {"input_ids": input_ids, "pixels": pixels, "grids": grids}, targets)
+    return total / (targets != IGNORE_INDEX).sum()

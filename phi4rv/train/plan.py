@@ -42,15 +42,6 @@ RUNTIME_BYTES = {"cpu": int(0.35 * GiB), "cuda": int(1.0 * GiB)}  # interpreter,
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def parse_size(text: str) -> int:
-    """'24GB', '80GiB', '512MB', '1.5T' -> bytes (GB and GiB both mean 2**30: what GPUs advertise)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
-    if not m:
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24GB, 80GiB, 512MB)")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
-
-
 def gib(n: float) -> str:
     return f"{n / GiB:,.2f} GiB"
 

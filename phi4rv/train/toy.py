@@ -1,9 +1,8 @@
-"""A toy world for training at tiny scale: a byte-level tokenizer in Phi-4's layout and two small tasks.
+"""A toy world for training at tiny scale: small checkable tasks and a one-stage config for them.
 
-The byte tokenizer has 256 byte tokens plus Phi-4's 96 special tokens under the same names (ids
-256..351), so a model trained with it has a 352-word vocabulary instead of 100352 and the whole
-recipe (template, mode markers, assistant masks) runs in seconds on a CPU. Its chat template is
-ours with a one-line system prompt.
+Its tokenizer is `processing.byte_tokenizer` (256 byte tokens plus Phi-4's 96 special tokens: a
+352-word vocabulary instead of 100352, so the whole recipe runs in seconds on a CPU) with our chat
+template and a one-line system prompt (`TOY_TEMPLATE`).
 
 Tasks (answers are checkable, so held-out accuracy means something):
 - colour: a 64x64 image with one coloured square at a random place -> "What colour is the square?"
@@ -20,38 +19,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import random
-import re
-from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from phi4rv.data.formats import Sample, write_jsonl
-from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
-from phi4rv.processing.tokenizer import (
-    CONFIG_FILE,
-    TEMPLATE_FILE,
-    TOKENIZER_FILE,
-    bytes_to_unicode,
-    phi4_added_tokens,
-    release_tokenizer_config,
-)
+from phi4rv.processing.byte_tokenizer import build_byte_tokenizer, template_with_system
 
 TOY_SYSTEM = "Answer briefly. Reason in <think></think> first when needed."
-
-
-def template_with_system(system: str) -> str:
-    """Our chat template with its fixed system prompt replaced (tiny models: fewer tokens)."""
-    out = re.sub(r'\{%- set system = ".*?" -%\}', lambda _: '{%- set system = "' + system + '" -%}',
-                 DEFAULT_CHAT_TEMPLATE, count=1, flags=re.S)
-    assert system in out
-    return out
-
-
 TOY_TEMPLATE = template_with_system(TOY_SYSTEM)
 
 COLOURS = {
@@ -62,34 +38,6 @@ COLOURS = {
     "purple": (140, 50, 170),
     "orange": (245, 140, 20),
 }
-
-
-def build_byte_tokenizer(out_dir: str | Path, chat_template: str = TOY_TEMPLATE, corpus: Iterable[str] | None = None,
-                         vocab_size: int = 512) -> Path:
-    """Write tokenizer.json / tokenizer_config.json / chat_template.jinja: bytes + Phi-4 specials.
-
-    With `corpus`, byte-level BPE merges are learned from it up to `vocab_size` (GPT-style splits,
-    so small numbers and frequent words become single tokens, as in Phi-4's own tokenizer);
-    the special tokens come after the learned vocabulary."""
-    b2u = bytes_to_unicode()
-    if corpus is None:
-        tok = _HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[], fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    else:
-        tok = _HFTokenizer(models.BPE(fuse_unk=False))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        tok.train_from_iterator(corpus, trainer)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_tokens(phi4_added_tokens())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / TOKENIZER_FILE))
-    config = release_tokenizer_config(tok, model_max_length=4096)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    (out / TEMPLATE_FILE).write_text(chat_template)
-    return out
 
 
 def square(rng: random.Random, name: str | None = None) -> tuple[bytes, str, str]:
@@ -162,7 +110,7 @@ def write_toy(out: str | Path, n_train: int = 2000, n_test: int = 200, seed: int
     align.jsonl (n_train // 2 captions) and long.jsonl (n_train // 4 two-image dialogues and refusals)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    build_byte_tokenizer(out / "tokenizer")
+    build_byte_tokenizer(out / "tokenizer", TOY_TEMPLATE)
     images = out / "images"
     write_jsonl(toy_samples(n_train, seed, prefix="train"), out / "train.jsonl", images)
     write_jsonl(toy_samples(n_test, seed + 1, prefix="test"), out / "test.jsonl", images)
@@ -170,21 +118,6 @@ def write_toy(out: str | Path, n_train: int = 2000, n_test: int = 200, seed: int
     write_jsonl([caption_sample(rng, f"align{i}") for i in range(n_train // 2)], out / "align.jsonl", images)
     write_jsonl([long_sample(rng, f"long{i}") for i in range(n_train // 4)], out / "long.jsonl", images)
     return out
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", type=Path)
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--test", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args()
-    write_toy(a.out, a.train, a.test, a.seed)
-    print(f"wrote {a.out}: tokenizer/, train.jsonl ({a.train}), test.jsonl ({a.test}), align.jsonl, long.jsonl")
-
-
-if __name__ == "__main__":
-    main()
 
 
 TINY_OVERRIDES = {
@@ -215,3 +148,18 @@ def toy_config(run_dir: str | Path, data: str | Path, steps: int = 20, **stage: 
         "stages": {"toy": st},
         "log": {"progress": False, "plot": False, "tensorboard": False},
     }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    write_toy(a.out, a.train, a.test, a.seed)
+    print(f"wrote {a.out}: tokenizer/, train.jsonl ({a.train}), test.jsonl ({a.test}), align.jsonl, long.jsonl")
+
+
+if __name__ == "__main__":
+    main()

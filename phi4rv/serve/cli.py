@@ -1,0 +1,72 @@
+"""`phi4rv serve --model CHECKPOINT`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from phi4rv.checkpoint import DTYPES
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from phi4rv.chat_model import ChatModel
+    from phi4rv.serve.app import ServeSettings, create_app, run
+
+    if args.allow_local_images is not None and not args.allow_local_images.is_dir():
+        raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
+                        quantize=args.quantize)
+    settings = ServeSettings(
+        served_model_name=args.served_model_name or args.model.resolve().name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        allow_local_images=args.allow_local_images,
+        allow_remote_images=args.allow_remote_images,
+        max_images=args.max_images,
+        request_timeout=args.request_timeout,
+        default_max_tokens=args.default_max_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        image_timeout=args.image_timeout,
+        allow_special_tokens=args.allow_special_tokens,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+    )
+    app = create_app(cm, settings)
+    engine = app.state.engine
+    print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
+          f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
+          file=sys.stderr, flush=True)
+    run(app, args.host, args.port, args.log_level)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
+    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+    s.add_argument("--default-max-tokens", type=int, default=4096, help="when a request sets no max_tokens")
+    s.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR", help="serve image paths under DIR")
+    s.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    s.add_argument("--max-body-mb", type=float, default=64, help="request body limit, chunked bodies included")
+    s.add_argument("--max-image-pixels", type=int, default=36_000_000, help="per image, checked before decoding")
+    s.add_argument("--max-request-pixels", type=int, default=100_000_000, help="all images of one request")
+    s.add_argument("--image-timeout", type=float, default=30.0, help="seconds for a request's image work")
+    s.add_argument("--allow-special-tokens", action="store_true",
+                   help="let message text spell control tokens (default: encoded as plain text)")
+    s.add_argument("--prefix-cache-mb", type=float, default=256, help="KV of shared prompt prefixes (0 = off)")
+    s.add_argument("--max-num-patches", type=int, default=None,
+                   help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
+    s.add_argument("--dtype", default=None, choices=list(DTYPES))
+    s.add_argument("--device", default=None)
+    s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
+    s.add_argument("--log-level", default="warning")
+    s.set_defaults(func=cmd_serve)

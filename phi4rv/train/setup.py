@@ -1,0 +1,163 @@
+"""What a stage starts from: the tokenizer, the model config (preset or checkpoint, with overrides),
+the model itself (frozen parts, LoRA, FSDP2) and its optimizer, and the memory check before any
+weight is read."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from phi4rv.checkpoint import DTYPES, load_model
+from phi4rv.config import Phi4RVConfig, preset
+from phi4rv.lora import apply_lora, is_lora_param
+from phi4rv.model.decoder import RMSNorm
+from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
+from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
+from phi4rv.train import checkpointing as ckpt_io
+from phi4rv.train.config import ConfigError, StageConfig, TrainConfig, parse_size
+from phi4rv.train.distributed import Dist, say, shard_model
+from phi4rv.train.plan import gib, options_that_fit, plan_memory
+from phi4rv.train.stages import build_optimizer, format_table, freeze_for_stage, parameter_table
+
+
+def load_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    m = cfg.model
+    if m.tokenizer == "phi4":
+        with tempfile.TemporaryDirectory() as tmp:
+            build_phi4_tokenizer(tmp)
+            tok = Tokenizer.from_dir(tmp)
+    else:
+        tok = Tokenizer.from_dir(m.tokenizer or m.checkpoint)
+    if m.chat_template:
+        tok.chat_template = Path(m.chat_template).read_text()
+    if tok.chat_template is None:
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def apply_overrides(cfg: Phi4RVConfig, overrides: dict) -> Phi4RVConfig:
+    """`model.overrides` ({"decoder.hidden_size": 32, ...}) set on `cfg`, each value in its field's type."""
+    for dotted, value in overrides.items():
+        *path, leaf = dotted.split(".")
+        node = cfg
+        for key in path:
+            node = getattr(node, key, None)
+        if node is None or not hasattr(node, leaf) or leaf == "raw":
+            raise ConfigError(f"model.overrides: no model config field {dotted!r}")
+        setattr(node, leaf, type(getattr(node, leaf))(value) if getattr(node, leaf) is not None else value)
+    return cfg
+
+
+def model_config(cfg: TrainConfig, source: Path | None, tokenizer: Tokenizer) -> Phi4RVConfig:
+    """The starting model's config, without touching weights."""
+    if source is not None:
+        return Phi4RVConfig.load(source)
+    if cfg.model.checkpoint:
+        return apply_overrides(Phi4RVConfig.load(cfg.model.checkpoint), cfg.model.overrides)
+    mc = preset(cfg.model.preset)
+    mc.decoder.vocab_size = tokenizer.vocab_size
+    mc.bos_token_id, mc.eos_token_id, mc.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+    return apply_overrides(mc, cfg.model.overrides)
+
+
+def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None, resume_from: Path | None) -> Phi4RV:
+    dtype = DTYPES[cfg.model.dtype]
+    lora = "lora" in stage.train
+    if resume_from is not None and not lora:
+        model = load_model(resume_from)  # trained parts were saved in float32: exact
+    elif source is not None or cfg.model.checkpoint:
+        model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = Phi4RV(mc) if dtype == torch.float32 else init_in_dtype(mc, dtype)
+        if dtype == torch.float32:
+            model.init_weights()
+    if lora:
+        torch.manual_seed(cfg.seed)
+        lc = cfg.lora
+        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.vision_targets if lc.vision else None)
+        if resume_from is not None:
+            saved = ckpt_io.load_trainable(resume_from)
+            missing, unexpected = model.load_state_dict(saved, strict=False)
+            if unexpected or any(is_lora_param(k) for k in missing):
+                raise ValueError(f"{resume_from}: adapters do not match the LoRA config ({(unexpected or missing)[:3]})")
+    freeze_for_stage(model, stage)
+    model.decoder.checkpointing = cfg.activation_checkpointing
+    return model.train()
+
+
+def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
+    """A randomly initialised model (Phi4RV.init_weights' rules, drawn in `dtype`), built on the
+    meta device and filled module by module, so that no float32 copy ever exists (at the 15B's
+    widths the embeddings and LM head alone are 4 GB in float32)."""
+    with torch.device("meta"):
+        model = Phi4RV(mc)
+    for m in model.modules():
+        if not list(m.parameters(recurse=False)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            m.register_parameter(name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad))
+        with torch.no_grad():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            else:
+                raise TypeError(f"no init rule for {type(m).__name__}")
+    return model
+
+
+def build_trainer(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
+                  resume_from: Path | None, d: Dist) -> tuple[Phi4RV, torch.optim.Optimizer]:
+    """The stage's model on this process's device (sharded across processes) and its optimizer."""
+    model = build_model(cfg, stage, mc, source, resume_from)
+    lora = "lora" in stage.train
+    say(d, f"parts ({'LoRA r=' + str(cfg.lora.rank) + ', ' if lora else ''}{cfg.model.dtype} weights, {cfg.precision} compute):\n"
+           + format_table(parameter_table(model, stage)))
+    model.to(d.device)
+    if d.enabled:
+        shard_model(model, d, torch.bfloat16 if cfg.precision == "bfloat16" else None)
+    return model, build_optimizer(model, stage)
+
+
+def device_memory(cfg: TrainConfig, d: Dist) -> int | None:
+    """Memory one process may use: `device_memory` from the config, else the GPU's total, else
+    the host's available memory shared by this node's processes."""
+    if cfg.device_memory:
+        return parse_size(cfg.device_memory)
+    if d.device.type == "cuda":
+        return torch.cuda.get_device_properties(d.device).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+                return int(line.split()[1]) * 1024 // max(local, 1)
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(cfg: TrainConfig, mc: Phi4RVConfig, d: Dist) -> None:
+    """Refuse, before any weight is read, a stage that the memory plan says cannot fit."""
+    budget = device_memory(cfg, d)
+    if budget is None:
+        return
+    for name in cfg.stages:
+        plan = plan_memory(cfg, name, mc, d.world, d.device.type, budget)
+        if not plan.fits:
+            options = options_that_fit(cfg, name, mc, d.world, d.device.type, budget)
+            raise ConfigError(
+                f"stages.{name} needs ~{gib(plan.total)} per process but {gib(budget)} is available "
+                f"({', '.join(f'{k} {gib(v)}' for k, v in plan.parts.items())}); "
+                + ("it would fit with: " + "; ".join(options) if options else "no usual change makes it fit")
+                + " (`phi4rv train CONFIG --plan` for the whole plan)"
+            )
