@@ -9,6 +9,7 @@ import torch
 
 from phi4rv.data.dataset import SampleEncoder
 from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.answers import norm_text
 from phi4rv.processing.chat import parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train.batches import EvalSet, MicroBatches, loader
@@ -38,14 +39,9 @@ def evaluate(model: Phi4RV, ev: EvalSet, encoder: SampleEncoder, cfg: TrainConfi
     return out
 
 
-def norm_answer(text: str) -> str:
-    """An answer as exact match compares it: case, spacing and a final period ignored."""
-    return " ".join(text.strip().lower().rstrip(".").split())
-
-
 def answer_accuracy(model: Phi4RV, ev: EvalSet, encoder: SampleEncoder, cfg: TrainConfig, tokenizer: Tokenizer) -> dict:
     """Greedy answers to the first `eval.generate` samples' last question, scored by exact match
-    (`norm_answer`) against the reference answer."""
+    (`norm_text`) against the reference answer."""
     from phi4rv.chat_model import ChatModel, Conversation
     from phi4rv.generation.sampling import SamplingParams
 
@@ -64,7 +60,7 @@ def answer_accuracy(model: Phi4RV, ev: EvalSet, encoder: SampleEncoder, cfg: Tra
             refs.append(str(s.meta.get("answer", parse_completion(s.messages[last]["content"], "auto").answer)))
             tasks.append(str(s.meta.get("task", "all")))
         for r, ref, task in zip(cm.chat_batch(convs, params), refs, tasks):
-            ok = norm_answer(r.answer) == norm_answer(ref)
+            ok = norm_text(r.answer) == norm_text(ref)
             for key in {task, "all"}:
                 hits[key] += ok
                 totals[key] += 1
