@@ -136,7 +136,7 @@ def test_projector_only_stage_changes_only_the_projector_then_next_stage_continu
     from phi4rv.train.setup import build_model, load_tokenizer, model_config
 
     c = load_config(None, base=cfg)
-    start = build_model(c, c.stages["align"], model_config(c, None, load_tokenizer(c)), None, None).state_dict()
+    start = build_model(c, c.stages["align"], model_config(c, None, load_tokenizer(c)), None).state_dict()
     aligned = load_model(finals["align"]).state_dict()
     changed = {k.split(".")[0] for k in start if not torch.equal(start[k], aligned[k])}
     assert changed == {"projector"}

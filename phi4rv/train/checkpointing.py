@@ -1,18 +1,32 @@
-"""Training checkpoints: a release-format model folder plus everything needed to resume exactly.
+"""Training checkpoints: each process writes its own shards of the trained state, resumable at
+any process count, plus (by default) a release-format copy of the weights for `phi4rv chat`.
 
     <stage dir>/step-00000120/        complete checkpoint (the name appears only once it is whole)
-        config.json, model-*.safetensors, tokenizer ...   release format: `phi4rv chat` loads it
-        trainer/state.json            step, data position, counters, lr schedule position
-        trainer/optimizer.safetensors + optimizer.json    AdamW state by parameter name
+        config.json, model-*.safetensors, tokenizer ...   release format (`checkpoint.step_weights`,
+                                      default on; gathered on process 0): `phi4rv chat` loads it
+        trainer/state.json            step, data position, micro-batches per step, counters
+        trainer/shards/shard-0000{r+1}-model-00001-of-00001.safetensors
+                                      process r's shards of the trained parameters (every parameter
+                                      that trains, LoRA adapters unmerged) and of their AdamW state,
+                                      each tensor with its offset in the whole one
+        trainer/optimizer.json        AdamW's parameter groups (learning rates, betas, ...)
         trainer/rng-rank{r}.json      every process's torch / python / numpy RNG state
-        trainer/trainable.safetensors (LoRA stages) adapters and other trained parameters, unmerged
     <stage dir>/final/                release-format export at the end of the stage
 
-Everything is written into `.step-N.partial/` and renamed at the end, so a crash while saving
-leaves the previous checkpoint untouched; leftovers are removed on the next save. Weights are
-saved in the training dtype, so reloading them is exact. A LoRA stage's release weights are the
-merged ones (for chat); resuming it rebuilds the stage's base model and loads the unmerged adapters.
-Nothing here is unpickled: tensors are safetensors, the rest JSON.
+The shards are written and read with `torch.distributed.checkpoint` (DCP) through its
+safetensors storage (`HuggingFaceStorageWriter(save_distributed=True)` / `HuggingFaceStorageReader`):
+no process gathers the trainer state, and a resume at another process count reads, on each
+process, the slices its own shards need from whichever files hold them. DCP's default file
+storage would write its `.metadata` index with pickle (torch 2.13) and unpickle it on load; the
+safetensors storage keeps the shard offsets as JSON in each file's header instead, so nothing here
+is unpickled: tensors are safetensors, the rest JSON.
+
+Frozen parameters are not in `trainer/`: a resume rebuilds them exactly as the stage started
+(from the previous stage's result, `model.checkpoint`, or the seeded random init), then loads the
+trained ones. Everything is written into `.step-N.partial/` and renamed by process 0 after all
+processes are done, so a crash while saving leaves the previous checkpoint untouched; leftovers
+are removed on the next save. Weights are saved in the training dtype, so reloading them is exact.
+A LoRA stage's release weights are the merged ones (for chat).
 """
 
 from __future__ import annotations
@@ -26,14 +40,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from phi4rv.checkpoint import save_checkpoint
 from phi4rv.lora import StateView, is_lora_param, lora_scales, merge_state_dict
-from phi4rv.train.distributed import Dist, full_model_state, full_optimizer_state
+from phi4rv.train.distributed import Dist, full_model_state
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+SHARDS = "shards"
 _SEP = "::"
 
 
@@ -79,23 +93,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
-    for name, slots in state["state"].items():
-        for key, value in slots.items():
+def trained_names(model: nn.Module) -> set[str]:
+    """The parameters a checkpoint holds: those that train, and LoRA adapters (even frozen ones)."""
+    return {n for n, p in model.named_parameters() if p.requires_grad or is_lora_param(n)}
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's trainer state, without gathering: {flat name: tensor or DTensor shard}, and
+    the non-tensor rest of the optimizer state (parameter groups, scalar slots)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    keep = trained_names(model)
+    tensors = {f"model{_SEP}{k}": v for k, v in model_sd.items() if k in keep}
+    rest: dict = {"param_groups": optim_sd["param_groups"], "scalars": {}}
+    for name, slots in optim_sd["state"].items():
+        for slot, value in slots.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{name}{_SEP}{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim{_SEP}{name}{_SEP}{slot}"] = value
             else:
-                meta["scalars"][f"{name}{_SEP}{key}"] = value
-    return tensors, meta
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[str, dict] = {}
-    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
-        name, _, key = flat.rpartition(_SEP)
-        state.setdefault(name, {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+                rest["scalars"][f"{name}{_SEP}{slot}"] = value
+    return tensors, rest
 
 
 def save_training_checkpoint(
@@ -108,27 +126,30 @@ def save_training_checkpoint(
     d: Dist,
     keep: int,
     lora: bool,
+    step_weights: bool = True,
 ) -> Path:
-    """Collective: every process calls it. Returns the checkpoint folder."""
+    """Collective: every process calls it and writes its own shards. Returns the checkpoint folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
     target = step_dir(stage_dir, step)
     partial = stage_dir / f".{target.name}.partial"
-    weights = full_model_state(model, d)
-    optim = full_optimizer_state(model, optimizer, d)
+    weights = full_model_state(model, d) if step_weights else {}
     if d.main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         for old in stage_dir.glob(".step-*.partial"):
             shutil.rmtree(old, ignore_errors=True)
-        export = merge_state_dict(weights, lora_scales(model)) if lora else weights
-        save_checkpoint(StateView(model.cfg, export), partial, tokenizer=tokenizer)
-        trainer = partial / "trainer"
-        trainer.mkdir()
-        tensors, meta = _flatten_optimizer(optim)
-        save_file(tensors, str(trainer / "optimizer.safetensors"))
-        _json_write(trainer / "optimizer.json", meta)
-        if lora:
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad or is_lora_param(n)}
-            save_file({k: v.contiguous() for k, v in weights.items() if k in trainable}, str(trainer / "trainable.safetensors"))
+        if step_weights:
+            export = merge_state_dict(weights, lora_scales(model)) if lora else weights
+            save_checkpoint(StateView(model.cfg, export), partial, tokenizer=tokenizer)
+        (partial / "trainer" / SHARDS).mkdir(parents=True)
+    del weights
     d.barrier()
+    tensors, rest = _sharded_state(model, optimizer)
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / "trainer" / SHARDS), save_distributed=True),
+             no_dist=not d.enabled)
+    if d.main:
+        _json_write(partial / "trainer" / "optimizer.json", rest)
     _json_write(partial / "trainer" / f"rng-rank{d.rank}.json", rng_state())
     d.barrier()
     if d.main:
@@ -143,20 +164,46 @@ def save_training_checkpoint(
     return target
 
 
-def load_trainer_state(ckpt: Path, d: Dist) -> tuple[dict, dict]:
-    """(state.json, name-keyed optimizer state) of a checkpoint; restores this process's RNG."""
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer" / "state.json").read_text())
+
+
+def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
+    """Fill this process's shards of the trained parameters and their optimizer state from `ckpt`
+    (saved at any process count) and restore this process's RNG when the process count is the
+    same. Collective. Returns state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
     trainer = ckpt / "trainer"
-    state = json.loads((trainer / "state.json").read_text())
-    tensors = load_file(str(trainer / "optimizer.safetensors"))
-    optim = _unflatten_optimizer(tensors, json.loads((trainer / "optimizer.json").read_text()))
+    state = read_state(ckpt)
+    if not (trainer / SHARDS).is_dir():
+        raise ValueError(f"{ckpt}: no sharded trainer state (trainer/{SHARDS}/): it was written by an older phi4rv and cannot be resumed")
+    tensors, _ = _sharded_state(model, optimizer)  # the shapes and shards to fill, in place
+    try:
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(trainer / SHARDS)), no_dist=not d.enabled)
+    except Exception as e:  # DCP wraps a missing or mis-shaped tensor in a long multi-rank report
+        raise ValueError(f"{ckpt}: the saved trainer state does not match this stage's model ({str(e).splitlines()[0][:200]})") from e
+    rest = json.loads((trainer / "optimizer.json").read_text())
+    model_sd, optim_state = {}, {}
+    for flat, value in tensors.items():
+        kind, _, name = flat.partition(_SEP)
+        if kind == "model":
+            model_sd[name] = value
+        else:
+            pname, _, slot = name.rpartition(_SEP)
+            optim_state.setdefault(pname, {})[slot] = value
+    for flat, value in rest["scalars"].items():
+        pname, _, slot = flat.rpartition(_SEP)
+        optim_state.setdefault(pname, {})[slot] = value
+    set_state_dict(model, optimizer, model_state_dict=model_sd,
+                   optim_state_dict={"state": optim_state, "param_groups": rest["param_groups"]},
+                   options=StateDictOptions(strict=False))
     rng = trainer / f"rng-rank{d.rank}.json"
     if state.get("world_size", 1) == d.world and rng.is_file():
         set_rng_state(json.loads(rng.read_text()))
-    return state, optim
-
-
-def load_trainable(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "trainer" / "trainable.safetensors"))
+    return state
 
 
 def export_final(model: nn.Module, out: Path, tokenizer, d: Dist, lora: bool, dtype: torch.dtype | None = None) -> Path:

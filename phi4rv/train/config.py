@@ -99,6 +99,7 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0 = only at the end of each stage
     keep: int = 2  # step checkpoints kept per stage (the newest)
     export_dtype: str | None = None  # dtype of each stage's `final/` export; default: as trained
+    step_weights: bool = True  # a release-format copy of the weights in each step-N/ (gathered on process 0)
 
 
 @dataclass

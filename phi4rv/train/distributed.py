@@ -1,4 +1,4 @@
-"""One process or many: process group setup, FSDP2 sharding, collectives and full state dicts.
+"""One process or many: process group setup, FSDP2 sharding, collectives and the full state dict.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the model is sharded with FSDP2 `fully_shard`: each
 decoder layer, each vision layer and the token embeddings are their own units, the rest (LM head,
@@ -8,8 +8,8 @@ state is sharded along with the parameters (ZeRO-3; the paper used ZeRO-1).
 Multi-node: run the same command on every node with a shared rendezvous, e.g.
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
         -m phi4rv train CONFIG
-`run_dir` must be on a filesystem all nodes share (checkpoints are written by rank 0, RNG states
-by every rank).
+`run_dir` must be on a filesystem all nodes share (every rank writes its shards of each checkpoint
+and its RNG state; rank 0 the release-format weights and the final rename).
 """
 
 from __future__ import annotations
@@ -121,22 +121,6 @@ def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
-    """Optimizer state keyed by parameter name, unsharded, on rank 0. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
-    )
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a full, name-keyed optimizer state (every rank passes the whole state)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:

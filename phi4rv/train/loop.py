@@ -31,7 +31,6 @@ from phi4rv.train.distributed import (
     Dist,
     clip_grad_norm,
     init_distributed,
-    load_optimizer_state,
     say,
     set_gradient_sync,
     shutdown,
@@ -61,8 +60,7 @@ class StageRun:
         self.lora = "lora" in stage.train
         self.start, self.counters = 0, Counter()
         if resume_from is not None:
-            state, optim_state = ckpt_io.load_trainer_state(resume_from, d)
-            load_optimizer_state(model, optimizer, optim_state)
+            state = ckpt_io.load_training_checkpoint(resume_from, model, optimizer, d)
             self.start = state["step"]
             self.counters.update(state.get("counters", {}))
             if state.get("total_steps") != data.plan.steps:
@@ -164,11 +162,23 @@ class StageRun:
     def save(self, step: int) -> None:
         plan = self.data.plan
         state = {"stage": self.name, "total_steps": plan.steps, "micro_batch": step * plan.per_step,
-                 "counters": dict(self.counters)}
+                 "per_step": plan.per_step, "counters": dict(self.counters)}
         path = ckpt_io.save_training_checkpoint(self.dir, step, self.model, self.optimizer, state, self.tokenizer, self.d,
-                                                self.cfg.checkpoint.keep, self.lora)
+                                                self.cfg.checkpoint.keep, self.lora, self.cfg.checkpoint.step_weights)
         self.saved_at = step
         say(self.d, f"saved {path}")
+
+
+def check_resumable(state: dict, data: StageData, name: str, stage: StageConfig, d: Dist) -> None:
+    """A checkpoint resumes at any process count as long as each optimizer step holds the same
+    micro-batches: the step's samples are then those of the saved run whatever the split."""
+    saved = state.get("per_step", data.plan.per_step)
+    if saved != data.plan.per_step:
+        raise ConfigError(
+            f"stages.{name}: the checkpoint was saved at {state.get('world_size', 1)} process(es) with {saved} micro-batches a step, "
+            f"at {d.world} this config makes {data.plan.per_step}: set stages.{name}.data.tokens_per_step="
+            f"{saved * stage.data.batch_tokens} to resume the same steps"
+        )
 
 
 def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | None, tokenizer: Tokenizer, d: Dist,
@@ -182,7 +192,9 @@ def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | 
         raise ConfigError(f"stages.{name}.data.max_len ({stage.data.max_len}) exceeds the model's {mc.decoder.max_position_embeddings} positions")
     say(d, f"== stage {name}" + (f" (resuming from {resume_from})" if resume_from else ""))
     data = plan_data(cfg, name, stage, ImageProcessorConfig.from_model(mc), tokenizer, d)
-    model, optimizer = build_trainer(cfg, stage, mc, source, resume_from, d)
+    if resume_from is not None:
+        check_resumable(ckpt_io.read_state(resume_from), data, name, stage, d)
+    model, optimizer = build_trainer(cfg, stage, mc, source, d)
     run = StageRun(cfg, name, stage, tokenizer, d, data, model, optimizer, resume_from)
     run.train()
     dtype = DTYPES[cfg.checkpoint.export_dtype] if cfg.checkpoint.export_dtype else None

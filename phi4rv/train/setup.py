@@ -12,12 +12,11 @@ import torch
 
 from phi4rv.checkpoint import DTYPES, load_model
 from phi4rv.config import Phi4RVConfig, preset
-from phi4rv.lora import apply_lora, is_lora_param
+from phi4rv.lora import apply_lora
 from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
 from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
-from phi4rv.train import checkpointing as ckpt_io
 from phi4rv.train.config import ConfigError, StageConfig, TrainConfig, parse_size
 from phi4rv.train.distributed import Dist, say, shard_model
 from phi4rv.train.plan import gib, options_that_fit, plan_memory
@@ -64,12 +63,12 @@ def model_config(cfg: TrainConfig, source: Path | None, tokenizer: Tokenizer) ->
     return apply_overrides(mc, cfg.model.overrides)
 
 
-def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None, resume_from: Path | None) -> Phi4RV:
+def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None) -> Phi4RV:
+    """The stage's model as it starts (a resumed stage starts the same way, then loads its trained
+    parameters from the checkpoint: train.checkpointing.load_training_checkpoint)."""
     dtype = DTYPES[cfg.model.dtype]
     lora = "lora" in stage.train
-    if resume_from is not None and not lora:
-        model = load_model(resume_from)  # trained parts were saved in float32: exact
-    elif source is not None or cfg.model.checkpoint:
+    if source is not None or cfg.model.checkpoint:
         model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc)
     else:
         torch.manual_seed(cfg.seed)
@@ -80,11 +79,6 @@ def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: 
         torch.manual_seed(cfg.seed)
         lc = cfg.lora
         apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.vision_targets if lc.vision else None)
-        if resume_from is not None:
-            saved = ckpt_io.load_trainable(resume_from)
-            missing, unexpected = model.load_state_dict(saved, strict=False)
-            if unexpected or any(is_lora_param(k) for k in missing):
-                raise ValueError(f"{resume_from}: adapters do not match the LoRA config ({(unexpected or missing)[:3]})")
     freeze_for_stage(model, stage)
     model.decoder.checkpointing = cfg.activation_checkpointing
     return model.train()
@@ -117,9 +111,9 @@ def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
 
 
 def build_trainer(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
-                  resume_from: Path | None, d: Dist) -> tuple[Phi4RV, torch.optim.Optimizer]:
+                  d: Dist) -> tuple[Phi4RV, torch.optim.Optimizer]:
     """The stage's model on this process's device (sharded across processes) and its optimizer."""
-    model = build_model(cfg, stage, mc, source, resume_from)
+    model = build_model(cfg, stage, mc, source)
     lora = "lora" in stage.train
     say(d, f"parts ({'LoRA r=' + str(cfg.lora.rank) + ', ' if lora else ''}{cfg.model.dtype} weights, {cfg.precision} compute):\n"
            + format_table(parameter_table(model, stage)))
