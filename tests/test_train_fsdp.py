@@ -17,9 +17,10 @@ import yaml
 from PIL import Image
 
 from phi4rv.checkpoint import load_model
+from phi4rv.cli import main
 from phi4rv.data.formats import Sample, write_jsonl
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
-from phi4rv.train.config import load_config
+from phi4rv.train.config import ConfigError, load_config
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
 from phi4rv.train.toy import TOY_TEMPLATE, add_sample, colour_sample, toy_config, write_toy
@@ -32,10 +33,11 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None or not torch.distributed.is
                                     reason="needs torch.distributed and torchrun")
 
 
-def torchrun(config: Path, timeout: int = 240) -> str:
+def torchrun(config: Path | None, timeout: int = 240, nproc: int = 2, args: tuple = ()) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "phi4rv", "train", str(config)],
+        [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "phi4rv", "train",
+         *([str(config)] if config else []), *map(str, args)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
@@ -143,3 +145,58 @@ def test_uneven_shares_keep_processes_in_step(tmp_path):
     a1, a2 = load_model(tmp_path / "one" / "narrow" / "final").state_dict(), load_model(tmp_path / "two" / "narrow" / "final").state_dict()
     for k in a1:
         assert torch.allclose(a1[k], a2[k], atol=1e-5), k
+
+
+def losses(stage_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in read_metrics(stage_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+@needs_torchrun
+def test_checkpoint_saved_by_two_processes_resumes_at_one_and_at_four(tmp_path):
+    """Each process writes its own shards (DCP); a resume at another process count reshards them
+    and continues the same global steps: the loss trace and the final weights are the
+    uninterrupted run's, up to the order of float sums."""
+    toy = write_toy(tmp_path / "toy", n_train=96, n_test=8)
+    cfg = toy_config(tmp_path / "two", toy, steps=6)
+    cfg["stages"]["toy"]["data"]["tokens_per_step"] = 4 * 768  # 4 micro-batches a step: 4 x 1, 2 x 2 or 1 x 4
+    cfg["checkpoint"] = {"every": 3, "keep": 5, "step_weights": False}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun(tmp_path / "two.yaml")
+    reference = losses(tmp_path / "two" / "toy")
+    assert [s for s, _ in reference] == [1, 2, 3, 4, 5, 6]
+    shards = sorted(p.name for p in (tmp_path / "two" / "toy" / "step-00000003" / "trainer" / "shards").iterdir())
+    assert len(shards) == 2 and not list((tmp_path / "two" / "toy" / "step-00000003").glob("*.safetensors"))
+
+    for world in (1, 4):
+        run_dir = tmp_path / f"at-{world}"
+        shutil.copytree(tmp_path / "two", run_dir)
+        shutil.rmtree(run_dir / "toy" / "step-00000006")
+        shutil.rmtree(run_dir / "toy" / "final")
+        if world == 1:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert main(["train", "--resume", str(run_dir)]) == 0
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            out = torchrun(None, nproc=4, args=("--resume", run_dir))
+            assert "4 process(es), 1 micro-batch(es) per process per step" in out
+        resumed = losses(run_dir / "toy")
+        assert [s for s, _ in resumed] == [s for s, _ in reference]
+        for (step, a), (_, b) in zip(resumed, reference):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (world, step)
+        a, b = load_model(run_dir / "toy" / "final").state_dict(), load_model(tmp_path / "two" / "toy" / "final").state_dict()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (world, k)
+
+    # without tokens_per_step a step is one micro-batch per process: another process count would
+    # make other steps, so the resume refuses and says what keeps them
+    run_dir = tmp_path / "other-steps"
+    shutil.copytree(tmp_path / "two", run_dir)
+    shutil.rmtree(run_dir / "toy" / "final")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["stages"]["toy"]["data"]["tokens_per_step"]
+    saved["run_dir"] = str(run_dir)
+    with pytest.raises(ConfigError, match="tokens_per_step=3072"):
+        run(load_config(None, base=saved), resume=True)

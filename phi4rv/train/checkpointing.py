@@ -36,6 +36,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,8 +147,10 @@ def save_training_checkpoint(
     del weights
     d.barrier()
     tensors, rest = _sharded_state(model, optimizer)
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / "trainer" / SHARDS), save_distributed=True),
-             no_dist=not d.enabled)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / "trainer" / SHARDS), save_distributed=True),
+                 no_dist=not d.enabled)
     if d.main:
         _json_write(partial / "trainer" / "optimizer.json", rest)
     _json_write(partial / "trainer" / f"rng-rank{d.rank}.json", rng_state())
@@ -182,7 +185,9 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
         raise ValueError(f"{ckpt}: no sharded trainer state (trainer/{SHARDS}/): it was written by an older phi4rv and cannot be resumed")
     tensors, _ = _sharded_state(model, optimizer)  # the shapes and shards to fill, in place
     try:
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(trainer / SHARDS)), no_dist=not d.enabled)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(trainer / SHARDS)), no_dist=not d.enabled)
     except Exception as e:  # DCP wraps a missing or mis-shaped tensor in a long multi-rank report
         raise ValueError(f"{ckpt}: the saved trainer state does not match this stage's model ({str(e).splitlines()[0][:200]})") from e
     rest = json.loads((trainer / "optimizer.json").read_text())
