@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,15 +81,24 @@ def test_sigkill_then_resume_reproduces_the_loss_trace(toy, reference, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_crash_while_saving_keeps_the_last_checkpoint(toy, reference, tmp_path, monkeypatch):
+def disk_full(*a, **kw):
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("at", ["shards", "state"])
+def test_crash_while_saving_keeps_the_last_checkpoint(toy, reference, tmp_path, monkeypatch, at):
     cfg = toy_config(tmp_path / "run", toy, steps=24)
     cfg["checkpoint"] = {"every": 4, "keep": 10}
     real = ckpt_io.save_training_checkpoint
 
     def crash_at_8(stage_dir, step, *a, **kw):
-        if step == 8:  # die after the weights and optimizer are written, before the rename
+        if step == 8 and at == "shards":  # die while the trainer state's shards are written
+            import safetensors.torch  # what torch.distributed.checkpoint's safetensors storage writes with
+
+            monkeypatch.setattr(safetensors.torch, "save", disk_full)
+        if step == 8 and at == "state":  # die after everything else is written, before the rename
             orig = ckpt_io._json_write
-            monkeypatch.setattr(ckpt_io, "_json_write", lambda p, o: (_ for _ in ()).throw(OSError("disk full")) if p.name == "state.json" else orig(p, o))
+            monkeypatch.setattr(ckpt_io, "_json_write", lambda p, o: disk_full() if p.name == "state.json" else orig(p, o))
         return real(stage_dir, step, *a, **kw)
 
     monkeypatch.setattr(ckpt_io, "save_training_checkpoint", crash_at_8)
@@ -167,3 +177,13 @@ def test_projector_only_stage_changes_only_the_projector_then_next_stage_continu
 
     if summary_writer() is not None:
         assert list((tmp_path / "run" / "full" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_with_other_trained_parameters_says_so(reference, tmp_path):
+    shutil.copytree(reference, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "toy" / "final")
+    cfg = yaml.safe_load((reference / "config.yaml").read_text())
+    cfg["run_dir"] = str(tmp_path / "run")
+    cfg["stages"]["toy"]["train"] = {"lora": 1e-3, "projector": 1e-3}  # adapters the checkpoint does not hold
+    with pytest.raises(ValueError, match=r"step-00000024: the saved trainer state does not match .*lora_A"):
+        run(load_config(None, base=cfg), resume=True)

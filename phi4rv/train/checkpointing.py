@@ -99,6 +99,10 @@ def trained_names(model: nn.Module) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad or is_lora_param(n)}
 
 
+def _first_failure(e) -> BaseException:
+    return next(iter(e.failures.values()))[0]
+
+
 def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """This process's trainer state, without gathering: {flat name: tensor or DTensor shard}, and
     the non-tensor rest of the optimizer state (parameter groups, scalar slots)."""
@@ -131,7 +135,7 @@ def save_training_checkpoint(
 ) -> Path:
     """Collective: every process calls it and writes its own shards. Returns the checkpoint folder."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageWriter
 
     target = step_dir(stage_dir, step)
     partial = stage_dir / f".{target.name}.partial"
@@ -149,8 +153,11 @@ def save_training_checkpoint(
     tensors, rest = _sharded_state(model, optimizer)
     with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / "trainer" / SHARDS), save_distributed=True),
-                 no_dist=not d.enabled)
+        try:
+            dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(partial / "trainer" / SHARDS), save_distributed=True),
+                     no_dist=not d.enabled)
+        except CheckpointException as e:  # a BaseException holding every process's error: raise the first (disk full, ...)
+            raise _first_failure(e) from None
     if d.main:
         _json_write(partial / "trainer" / "optimizer.json", rest)
     _json_write(partial / "trainer" / f"rng-rank{d.rank}.json", rng_state())
@@ -176,7 +183,7 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
     (saved at any process count) and restore this process's RNG when the process count is the
     same. Collective. Returns state.json."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     trainer = ckpt / "trainer"
@@ -188,8 +195,13 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(trainer / SHARDS)), no_dist=not d.enabled)
-    except Exception as e:  # DCP wraps a missing or mis-shaped tensor in a long multi-rank report
-        raise ValueError(f"{ckpt}: the saved trainer state does not match this stage's model ({str(e).splitlines()[0][:200]})") from e
+    except CheckpointException as e:
+        err = _first_failure(e)
+        if isinstance(err, OSError):
+            raise err from None
+        # the planner's "Missing key in checkpoint state_dict: ...", a size mismatch, ...
+        raise ValueError(f"{ckpt}: the saved trainer state does not match this stage's trained parameters "
+                         f"({str(err).splitlines()[0][:300]})") from None
     rest = json.loads((trainer / "optimizer.json").read_text())
     model_sd, optim_state = {}, {}
     for flat, value in tensors.items():
