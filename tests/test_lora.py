@@ -84,6 +84,41 @@ def test_export_merged_is_a_release_checkpoint(tmp_path):
     assert layout_differences(tmp_path / "merged") == []  # the release's files around the weights
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_streamed_export_writes_what_export_merged_writes(tmp_path, dtype):
+    """The trainer's export (one gathered tensor at a time, written straight into the shards) gives
+    the files `export_merged` writes from the whole merged state dict: shard names, index, tensors."""
+    import json
+
+    from phi4rv.train.checkpointing import export_release
+    from phi4rv.train.distributed import Dist
+
+    model = tiny()
+    apply_lora(model, rank=4, alpha=8, vision_targets=("q_proj", "fc1"))
+    randomise_adapters(model)
+    tokenizer = Tokenizer.from_dir(build_byte_tokenizer(tmp_path / "tok", TOY_TEMPLATE))
+    export_merged(model, tmp_path / "whole", tokenizer=tokenizer, dtype=dtype)
+    export_release(model, tmp_path / "streamed", tokenizer, Dist(), lora=True, dtype=dtype)
+    index = lambda p: json.loads((p / "model.safetensors.index.json").read_text())  # noqa: E731
+    assert index(tmp_path / "streamed") == index(tmp_path / "whole")
+    assert (tmp_path / "streamed" / "config.json").read_text() == (tmp_path / "whole" / "config.json").read_text()
+    a, b = load_model(tmp_path / "streamed").state_dict(), load_model(tmp_path / "whole").state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+    # several shards: split where save_weights splits
+    from phi4rv.checkpoint import save_weights
+    from phi4rv.lora import StateView, lora_scales, merge_state_dict
+    from phi4rv.train.checkpointing import write_gathered_weights
+
+    for d in ("many-whole", "many-streamed"):
+        (tmp_path / d).mkdir()
+    save_weights(StateView(model.cfg, merge_state_dict(model.state_dict(), lora_scales(model))), tmp_path / "many-whole",
+                 max_shard_bytes=20_000, dtype=dtype)
+    write_gathered_weights(model, tmp_path / "many-streamed", lora=True, dtype=dtype, max_shard_bytes=20_000)
+    assert len(list((tmp_path / "many-whole").glob("*.safetensors"))) > 3
+    assert index(tmp_path / "many-streamed") == index(tmp_path / "many-whole")
+
+
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")

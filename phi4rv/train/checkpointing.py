@@ -3,7 +3,7 @@ any process count, plus (by default) a release-format copy of the weights for `p
 
     <stage dir>/step-00000120/        complete checkpoint (the name appears only once it is whole)
         config.json, model-*.safetensors, tokenizer ...   release format (`checkpoint.step_weights`,
-                                      default on; gathered on process 0): `phi4rv chat` loads it
+                                      default on): `phi4rv chat` loads it
         trainer/state.json            step, data position, micro-batches per step, counters
         trainer/shards/shard-0000{r+1}-model-00001-of-00001.safetensors
                                       process r's shards of the trained parameters (every parameter
@@ -12,6 +12,10 @@ any process count, plus (by default) a release-format copy of the weights for `p
         trainer/optimizer.json        AdamW's parameter groups (learning rates, betas, ...)
         trainer/rng-rank{r}.json      every process's torch / python / numpy RNG state
     <stage dir>/final/                release-format export at the end of the stage
+
+The release-format weights are streamed: tensor by tensor, every process all-gathers one weight
+(LoRA adapters merged into it), process 0 writes it into its place in the shard files and drops
+it, so no process holds the whole model (peak: the largest tensor, not the model).
 
 The shards are written and read with `torch.distributed.checkpoint` (DCP) through its
 safetensors storage (`HuggingFaceStorageWriter(save_distributed=True)` / `HuggingFaceStorageReader`):
@@ -43,9 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from phi4rv.checkpoint import save_checkpoint
-from phi4rv.lora import StateView, is_lora_param, lora_scales, merge_state_dict
-from phi4rv.train.distributed import Dist, full_model_state
+from phi4rv.checkpoint import ST_NAMES, _shard_plan, save_checkpoint, to_release_name
+from phi4rv.lora import is_lora_param, lora_scales
+from phi4rv.train.distributed import Dist
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 SHARDS = "shards"
@@ -139,16 +143,14 @@ def save_training_checkpoint(
 
     target = step_dir(stage_dir, step)
     partial = stage_dir / f".{target.name}.partial"
-    weights = full_model_state(model, d) if step_weights else {}
     if d.main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         for old in stage_dir.glob(".step-*.partial"):
             shutil.rmtree(old, ignore_errors=True)
-        if step_weights:
-            export = merge_state_dict(weights, lora_scales(model)) if lora else weights
-            save_checkpoint(StateView(model.cfg, export), partial, tokenizer=tokenizer)
+    if step_weights:
+        export_release(model, partial, tokenizer, d, lora)
+    if d.main:
         (partial / "trainer" / SHARDS).mkdir(parents=True)
-    del weights
     d.barrier()
     tensors, rest = _sharded_state(model, optimizer)
     with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group
@@ -184,7 +186,7 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
     same. Collective. Returns state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     trainer = ckpt / "trainer"
     state = read_state(ckpt)
@@ -223,12 +225,79 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
     return state
 
 
-def export_final(model: nn.Module, out: Path, tokenizer, d: Dist, lora: bool, dtype: torch.dtype | None = None) -> Path:
-    """The stage's result as a release-format checkpoint (LoRA adapters merged), in `dtype` if given."""
-    weights = full_model_state(model, d)
+def gathered_weights(model: nn.Module, lora: bool):
+    """(name, whole CPU tensor) for every weight in state-dict order, one tensor at a time, LoRA
+    adapters merged as `lora.merge_state_dict` merges them. Collective under FSDP2: every process
+    iterates to the end (each tensor is all-gathered on every process, then dropped)."""
+    state = model.state_dict()  # under FSDP2: DTensors over this process's shards, nothing gathered
+    scales = lora_scales(model) if lora else {}
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+    for name, t in state.items():
+        if is_lora_param(name):
+            continue
+        w = whole(t)
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in scales:
+            delta = whole(state[f"{module}.lora_B"]).float() @ whole(state[f"{module}.lora_A"]).float() * scales[module]
+            w = (w.float() + delta).to(w.dtype)
+        yield name, w.cpu()
+
+
+def write_gathered_weights(model: nn.Module, path: Path | None, lora: bool, dtype: torch.dtype | None = None,
+                           max_shard_bytes: int = 5 * 2**30) -> None:
+    """`checkpoint.save_weights`' files (same shards, names, index) for a possibly sharded model,
+    streamed: each tensor is gathered, written and freed before the next, so no process ever holds
+    the whole model. The process that writes passes `path`; the others pass None and only take
+    part in the gathers."""
+    state = model.state_dict()
+    keys = [k for k in state if not is_lora_param(k)]
+    out_dtype = {k: dtype or state[k].dtype for k in keys}
+    release = {k: to_release_name(k) for k in keys}
+    plan = _shard_plan([(release[k], state[k].shape.numel() * out_dtype[k].itemsize) for k in keys], max_shard_bytes)
+    tensors = gathered_weights(model, lora)
+    weight_map, total = {}, 0
+    for i, names in enumerate(plan, 1):
+        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        shard = keys[len(weight_map):len(weight_map) + len(names)]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for k in shard:
+            nbytes = state[k].shape.numel() * out_dtype[k].itemsize
+            header[release[k]] = {"dtype": ST_NAMES[out_dtype[k]], "shape": list(state[k].shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[release[k]] = fname
+        total += offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-(8 + len(blob)) % 8)
+        f = open(path / fname, "wb") if path is not None else None
+        try:
+            if f is not None:
+                f.write(len(blob).to_bytes(8, "little") + blob)
+            for k in shard:
+                name, t = next(tensors)
+                assert name == k
+                if f is not None and t.numel():
+                    f.write(memoryview(t.to(out_dtype[k]).contiguous().view(-1).view(torch.uint8).numpy()))
+                del t
+        finally:
+            if f is not None:
+                f.close()
+    if path is not None:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_release(model: nn.Module, out: Path, tokenizer, d: Dist, lora: bool, dtype: torch.dtype | None = None) -> Path:
+    """`model` as a release-format checkpoint (LoRA adapters merged), in `dtype` if given, written by
+    process 0 one gathered tensor at a time. Collective."""
     if d.main:
-        if lora:
-            weights = merge_state_dict(weights, lora_scales(model))
-        save_checkpoint(StateView(model.cfg, weights), out, tokenizer=tokenizer, dtype=dtype)
+        write = lambda tmp: write_gathered_weights(model, tmp, lora, dtype)  # noqa: E731
+        save_checkpoint(model, out, tokenizer=tokenizer, dtype=dtype, write_weights=write)
+    else:
+        write_gathered_weights(model, None, lora, dtype)
     d.barrier()
     return out
+

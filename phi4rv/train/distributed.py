@@ -1,4 +1,4 @@
-"""One process or many: process group setup, FSDP2 sharding, collectives and the full state dict.
+"""One process or many: process group setup, FSDP2 sharding, collectives.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the model is sharded with FSDP2 `fully_shard`: each
 decoder layer, each vision layer and the token embeddings are their own units, the rest (LM head,
@@ -112,15 +112,6 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a step (gradient accumulation)."""
     if is_sharded(model):
         model.set_requires_gradient_sync(sync)
-
-
-def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
-    """The whole, unsharded state dict on CPU: on rank 0 (empty elsewhere). Collective."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:

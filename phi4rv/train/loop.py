@@ -198,7 +198,7 @@ def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | 
     run = StageRun(cfg, name, stage, tokenizer, d, data, model, optimizer, resume_from)
     run.train()
     dtype = DTYPES[cfg.checkpoint.export_dtype] if cfg.checkpoint.export_dtype else None
-    final = ckpt_io.export_final(model, stage_dir / "final", tokenizer, d, run.lora, dtype)
+    final = ckpt_io.export_release(model, stage_dir / "final", tokenizer, d, run.lora, dtype)
     run.log.close()
     if d.main and cfg.log.plot:
         plot_metrics(run.log.path, stage_dir / "curves.png", f"{Path(cfg.run_dir).name} / {name}")
