@@ -379,7 +379,7 @@ def write_metadata(
         tokenizer.save(path)
 
 
-def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Greedy, in order: a new shard when the next tensor would overflow this one (as `save_weights`)."""
     shards: list[list[str]] = [[]]
     size = 0
@@ -417,7 +417,7 @@ def write_random_weights(
     gen = torch.Generator().manual_seed(seed)
     params = {to_release_name(n): (n, p.shape) for n, p in model.named_parameters()}
     sizes = [(key, shape.numel() * dtype.itemsize) for key, (_, shape) in params.items()]
-    plan = _shard_plan(sizes, max_shard_bytes)
+    plan = shard_plan(sizes, max_shard_bytes)
     weight_map, total = {}, 0
     for i, keys in enumerate(plan, 1):
         fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from phi4rv.checkpoint import ST_NAMES, _shard_plan, save_checkpoint, to_release_name
+from phi4rv.checkpoint import ST_NAMES, save_checkpoint, shard_plan, to_release_name
 from phi4rv.lora import is_lora_param, lora_scales
 from phi4rv.train.distributed import Dist
 
@@ -256,7 +256,7 @@ def write_gathered_weights(model: nn.Module, path: Path | None, lora: bool, dtyp
     keys = [k for k in state if not is_lora_param(k)]
     out_dtype = {k: dtype or state[k].dtype for k in keys}
     release = {k: to_release_name(k) for k in keys}
-    plan = _shard_plan([(release[k], state[k].shape.numel() * out_dtype[k].itemsize) for k in keys], max_shard_bytes)
+    plan = shard_plan([(release[k], state[k].shape.numel() * out_dtype[k].itemsize) for k in keys], max_shard_bytes)
     tensors = gathered_weights(model, lora)
     weight_map, total = {}, 0
     for i, names in enumerate(plan, 1):
