@@ -261,3 +261,28 @@ def test_release_tokenizer_has_single_token_markers_that_bind_split_and_budget(c
                                      {"role": "assistant", "content": "<think>a</think>b"}], add_generation_prompt=False)
     marked = [i for i, m in zip(enc.input_ids, enc.assistant_mask) if m]
     assert marked[0] == open_id[0] and close_id[0] in marked
+
+
+def test_constrained_answer_follows_reasoning_even_when_the_model_would_stop(cm):
+    """With a grammar, stopping inside the reasoning would leave no answer: the stop tokens are
+    banned while thinking (forced think here; auto once it has opened `<think>` takes the same
+    path), and the reasoning is closed while the answer still fits."""
+    import json
+
+    import jsonschema
+
+    from phi4rv.generation.grammar import Grammar
+    from phi4rv.processing.chat import parse_completion
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    grammar = Grammar.from_schema(schema, cm.tokenizer)
+    mode = "think"
+    model = prefer(cm.model, cm.tokenizer.eos_id)
+    stops = tuple(cm.stop_ids())
+    free = generate(model, cm.tokenizer, [req(cm, "Is it?", mode=mode)], params(40, stop_ids=stops))[0]
+    assert not parse_completion(free.text, mode).answer  # unconstrained, it stops with no answer
+    for n in (40, 16):  # roomy, and tight: the close is forced early enough for the answer to fit
+        g = generate(model, cm.tokenizer, [req(cm, "Is it?", mode=mode)], params(n, stop_ids=stops, grammar=grammar))[0]
+        parsed = parse_completion(g.text, mode)
+        assert parsed.thinking is not None and g.finish_reason == "stop", g.text
+        jsonschema.validate(json.loads(parsed.answer), schema)

@@ -118,6 +118,9 @@ class SequenceState:
         self.forced: list[int] = []
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
         self.n = 0
+        # With a grammar: the fewest tokens a complete answer takes (its eos included). The
+        # reasoning may then not stop the sequence, and is closed while that many remain.
+        self.answer_reserve: int | None = None
 
     @property
     def answering(self) -> bool:
@@ -130,15 +133,20 @@ class SequenceState:
         Where the markers are not single tokens, their first pieces are banned where a marker
         would have to start (at the start of the answer / of the reasoning)."""
         m = self.markers
+        out = []
         if self.mode == "nothink":
             if m.open is not None:
-                return [t for t in (m.open, m.close) if t is not None]
-            return [m.open_start] if not self.text.strip() else []
-        if self.mode == "think":
+                out = [t for t in (m.open, m.close) if t is not None]
+            elif not self.text.strip():
+                out = [m.open_start]
+        elif self.mode == "think":
             if m.close is None:
-                return [m.close_start] if not self.thought else []
-            return ([m.open] if m.open is not None else []) + ([m.close] if not self.thought or self.closed else [])
-        return []
+                out = [m.close_start] if not self.thought else []
+            else:
+                out = ([m.open] if m.open is not None else []) + ([m.close] if not self.thought or self.closed else [])
+        if self.answer_reserve is not None and self.thinking:
+            out += self.params.stop_ids  # a constrained answer must follow the reasoning
+        return out
 
     def push(self, token: int) -> tuple[str, bool, str | None]:
         """Account for `token`; returns (visible text delta, was thinking, finish reason)."""
@@ -169,7 +177,10 @@ class SequenceState:
             finish = "length"
         if finish is None and self.thinking and not self.forced:
             budget = self.params.thinking_budget
-            if budget is not None and self.thinking_tokens >= budget:
+            close = len(self.markers.forced_close)
+            left = self.params.max_new_tokens - self.n
+            if (budget is not None and self.thinking_tokens >= budget) or (
+                    self.answer_reserve is not None and left <= close + self.answer_reserve):
                 self.forced = list(self.markers.forced_close)
         if finish is not None:
             if finish == "length" or token not in self.params.stop_ids:
@@ -357,6 +368,7 @@ class Core:
                 s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
             if s.params.grammar is not None:
                 s.constraint = s.params.grammar.start()
+                s.state.answer_reserve = s.params.grammar.distance(s.constraint.guide.get_state()) + 1
 
         t0 = time.perf_counter()
         images = [im for s in seqs for im in s.request.images]
