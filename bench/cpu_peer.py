@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
                 warm[name].append(r["prefill_s"] + r["decode_s"])
             else:
                 runs[name].append(r)
+    peak = peak_rss_mib() / 1024  # before the closing bandwidth probe's 2 GiB
     rates_after = machine_rates(device, dtype, args.tiny)
     rates = max(rates_before, rates_after, key=lambda r: r["copy_bandwidth_bytes_per_s"])
     bw = rates["copy_bandwidth_bytes_per_s"]
@@ -270,8 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({c['decode_ratio_best']:.2f}x on best times), prefill {c['prefill_ratio_median']:.2f}x; "
               f"goal >= {GOAL_RATIO:g}x: {'met' if c['goal_met'] else 'MISSED'}; "
               f"greedy tokens agree for {c['greedy_agree']}/{n} (information: the quantizers round differently)")
-    peak = peak_rss_mib() / 1024
-    print(f"peak RSS of this process (all four sides loaded together): {peak:.2f} GiB")
+    print(f"peak RSS of this process (all four sides loaded; taken before the closing bandwidth probe): {peak:.2f} GiB")
     result = {"benchmark": "cpu_peer", "machine": info, "machine_rates": rates,
               "bandwidth_bytes_per_s_before_after": [rates_before["copy_bandwidth_bytes_per_s"],
                                                      rates_after["copy_bandwidth_bytes_per_s"]],
