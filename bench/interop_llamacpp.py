@@ -35,10 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,127 +44,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, print_table, write_json
+from llamacpp_common import (
+    LlamaSide,
+    add_llamacpp_args,
+    agreement,
+    check_llamacpp,
+    convert,
+    gguf_field,
+    mid_config,
+    phi4rv_greedy,
+)
 
 from phi4rv.checkpoint import load_model, save_checkpoint
-from phi4rv.config import DecoderConfig, Phi4RVConfig, VisionConfig
-from phi4rv.generation.generate import GenerationParams, Request, generate
 from phi4rv.model import Phi4RV
 from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
 
 OUTTYPES = ("f32", "bf16", "q8_0")
 
 
-def mid_config(tiny: bool) -> Phi4RVConfig:
-    """A ~0.3B Phi-4-shaped decoder (Phi-4's vocabulary, GQA 4:1, head dim 64) and a small vision tower."""
-    if tiny:
-        decoder = DecoderConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=4096)
-    else:
-        decoder = DecoderConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                                num_key_value_heads=4, max_position_embeddings=4096)
-    vision = VisionConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_hidden_layers=3)
-    return Phi4RVConfig(vision=vision, decoder=decoder,
-                        vision_tower="phi4rv/siglip2-mid-patch16-naflex", min_num_patches=16, max_num_patches=256,
-                        max_length=4096)
+def accepts_projector(side: LlamaSide, mmproj: Path, threads: int) -> bool:
+    """Whether llama.cpp's multimodal library loads the projector next to the text model."""
+    from llama_cpp import mtmd_cpp
 
-
-def convert(llama_cpp: Path, converter_path: str | None, ckpt: Path, out: Path, outtype: str, mmproj: bool) -> tuple[float, str]:
-    """Run llama.cpp's converter as a user would; returns (seconds, the log's last lines)."""
-    env = dict(os.environ)
-    paths = [p for p in (converter_path, str(llama_cpp / "gguf-py"), env.get("PYTHONPATH")) if p]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    cmd = [sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(out), "--outtype", outtype]
-    if mmproj:
-        cmd.append("--mmproj")
-    t0 = time.perf_counter()
-    # stdin closed: the converter asks whether to run the checkpoint's remote code (auto_map) and must hear "no"
-    p = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    tail = "\n".join((p.stdout + p.stderr).strip().splitlines()[-5:])
-    if p.returncode != 0:
-        raise SystemExit(f"conversion to {outtype}{' (mmproj)' if mmproj else ''} failed:\n{tail}")
-    return dt, tail
-
-
-def gguf_field(path: Path, key: str) -> str | None:
-    from gguf import GGUFReader
-
-    f = GGUFReader(str(path)).fields.get(key)
-    return None if f is None else bytes(f.parts[f.data[0]]).decode()
-
-
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    row = row.astype(np.float64)
-    m = row.max()
-    return row - m - np.log(np.exp(row - m).sum())
-
-
-class LlamaSide:
-    def __init__(self, path: Path, threads: int, n_ctx: int, f32_cache: bool):
-        from llama_cpp import GGML_TYPE_F32, Llama
-
-        # llama.cpp keeps K and V in f16 by default; the f32 model gets an f32 cache so that it is f32 throughout
-        cache = {"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if f32_cache else {}
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         logits_all=True, verbose=False, **cache)
-
-    def greedy(self, prompt: list[int], n: int) -> dict:
-        llm = self.llm
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        t1 = time.perf_counter()
-        out = []
-        for i in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            if i < n - 1:
-                llm.eval([out[-1]])
-        t2 = time.perf_counter()
-        return {"tokens": out, "prefill_s": t1 - t0, "decode_s": t2 - t1}
-
-    def logprobs_of(self, prompt: list[int], tokens: list[int]) -> list[float]:
-        """Teacher-forced: the log-probability of each of `tokens` after the prompt and the ones before it."""
-        llm = self.llm
-        llm.reset()
-        llm.eval(prompt + tokens[:-1])
-        start = len(prompt) - 1
-        return [float(log_softmax(llm.scores[start + i])[t]) for i, t in enumerate(tokens)]
-
-    def accepts_projector(self, mmproj: Path, threads: int) -> bool:
-        from llama_cpp import mtmd_cpp
-
-        params = mtmd_cpp.mtmd_context_params_default()
-        params.use_gpu = False
-        params.n_threads = threads
-        ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
-        if not ctx:
-            return False
-        ok = bool(mtmd_cpp.mtmd_support_vision(ctx))
-        mtmd_cpp.mtmd_free(ctx)
-        return ok
-
-
-def phi4rv_greedy(model: Phi4RV, tok: Tokenizer, prompt: list[int], n: int) -> dict:
-    timing: dict[str, float] = {}
-    g = generate(model, tok, [Request(input_ids=prompt)], GenerationParams(max_new_tokens=n), timing)[0]
-    return {"tokens": g.token_ids, "logprobs": g.logprobs, "prefill_s": timing["prefill"], "decode_s": timing["decode"]}
-
-
-def agreement(tokens: list[int], ref: list[int]) -> int:
-    """Length of the common prefix: after the first different token the continuations are unrelated."""
-    n = 0
-    for a, b in zip(tokens, ref):
-        if a != b:
-            break
-        n += 1
-    return n
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu = False
+    params.n_threads = threads
+    ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), side.llm.model, params)
+    if not ctx:
+        return False
+    ok = bool(mtmd_cpp.mtmd_support_vision(ctx))
+    mtmd_cpp.mtmd_free(ctx)
+    return ok
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (the sdist's vendor/llama.cpp)")
-    p.add_argument("--converter-path", default=None,
-                   help="prepended to PYTHONPATH for the converter (a folder with transformers 4 installed)")
+    add_llamacpp_args(p)
     p.add_argument("--out", type=Path, default=None, help="keep the checkpoint and GGUF files here (default: temporary)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
@@ -177,12 +90,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model (smoke test of the script)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    try:
-        import llama_cpp
-    except ImportError:
-        raise SystemExit("llama-cpp-python is not installed: see the setup in this script's docstring") from None
-    if not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit(f"{args.llama_cpp} has no convert_hf_to_gguf.py: pass the sdist's vendor/llama.cpp")
+    llama_cpp = check_llamacpp(args.llama_cpp)
     torch.set_num_threads(args.threads)
 
     tmp = tempfile.TemporaryDirectory() if args.out is None else None
@@ -217,7 +125,7 @@ def main() -> None:
     ours = {"phi4rv fp32": load_model(ckpt, dtype=torch.float32), "phi4rv bf16": load_model(ckpt, dtype=torch.bfloat16)}
     theirs = {f"llama.cpp {t}": LlamaSide(ggufs[t], args.threads, args.prompt_tokens + n + 8, t == "f32" and not args.f16_cache)
               for t in OUTTYPES}
-    projector_ok = theirs["llama.cpp f32"].accepts_projector(mmproj, args.threads)
+    projector_ok = accepts_projector(theirs["llama.cpp f32"], mmproj, args.threads)
 
     runs: dict[str, list[dict]] = {k: [] for k in [*ours, *theirs]}
     for _ in range(1 + args.repeats):  # the first round warms up and is dropped; sides alternate run by run
