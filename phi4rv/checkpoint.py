@@ -204,12 +204,12 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def estimate_load_bytes(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None) -> int:
+def estimate_load_bytes(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, lm_head: bool = True) -> int:
     """What `load_model` will hold for this config in `dtype`, optionally quantized (meta device)."""
     with torch.device("meta"):
         model = Phi4RV(cfg)
     if quantize:
-        quantize_modules(model, quantize, dtype)
+        quantize_modules(model, quantize, dtype, lm_head=lm_head)
     return model_bytes(model, dtype, {})
 
 
@@ -240,6 +240,7 @@ def load_model(
     quantize: str | None = None,
     quantize_vision: bool = False,
     check_memory: bool = True,
+    quantize_lm_head: bool = True,
 ) -> Phi4RV:
     """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype.
 
@@ -290,7 +291,7 @@ def load_model(
         if not compute.is_floating_point:
             raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
         dtype = compute
-        quantize_modules(model, quantize, compute, vision=quantize_vision)
+        quantize_modules(model, quantize, compute, vision=quantize_vision, lm_head=quantize_lm_head)
     if check_memory:
         need = model_bytes(model, dtype, {n: stored[k].dtype for n, k in names.items()})
         _check_memory(cfg, dtype or stored[names["decoder.embed_tokens.weight"]].dtype, quantize, device, need)

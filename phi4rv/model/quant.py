@@ -17,6 +17,15 @@ What is quantized (`quantize_modules`):
 
 A layer whose input width is not a multiple of 32 (SigLIP's fc2, 4304) or whose output width is not
 a multiple of 16 cannot use the int4 kernel and is quantized to int8 instead.
+
+Backward (QLoRA, `phi4rv.lora.QLoRALinear`): the weight-only kernels have no autograd formula, so
+when the input needs a gradient the matmul runs inside `WeightOnlyMatmul`, whose backward is
+grad_x = grad_y @ W with W rebuilt a block at a time (at most `_BLOCK_ELEMENTS` values in the compute
+dtype: never a full-precision copy of a large matrix). int8 rebuilds rows (q * scale); int4 rebuilds
+columns by running the forward kernel on rows of the identity (I[k0:k1] @ W^T = W[:, k0:k1]^T), so
+the kernel's packed layout (CPU and CUDA differ, neither is documented) never has to be decoded and
+the backward sees exactly the weights the forward used. That costs in_features / tokens of the
+gradient matmul's time (the identity blocks do in x in x out multiply-adds per backward).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from torch import nn
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 128
 _ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
+_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the backward or export holds (32 MB in bf16)
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -70,15 +80,24 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(self.compute_dtype) * self.scales[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)
+    def dequantized_rows(self, r0: int, r1: int) -> torch.Tensor:
+        return self.qweight[r0:r1].to(self.compute_dtype) * self.scales[r0:r1, None]
+
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
-        else:  # no int8 weight-only kernel assumed elsewhere: dequantize per call (correct, slower)
-            y = F.linear(x2, self.dequantized())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        return F.linear(x2, self.dequantized())  # no int8 weight-only kernel assumed elsewhere: dequantize per call
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y @ W, W rebuilt a block of rows at a time."""
+        rows = max(1, _BLOCK_ELEMENTS // self.in_features)
+        grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
+        for r in range(0, self.out_features, rows):
+            grad_x.addmm_(grad_y[:, r : r + rows], self.dequantized_rows(r, r + rows).to(grad_y.dtype))
+        return grad_x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x)
 
 
 class Int4Linear(nn.Module):
@@ -128,18 +147,61 @@ class Int4Linear(nn.Module):
         self.packed = packed
         self.scales_and_zeros = sz.to(device=device, dtype=self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+    def matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.contiguous()
         if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
+
+    def dequantized_columns(self, k0: int, k1: int) -> torch.Tensor:
+        """W[:, k0:k1]^T ([k1 - k0, out]) as the kernel sees it: the kernel applied to I[k0:k1]."""
+        eye = torch.zeros(k1 - k0, self.in_features, dtype=self.compute_dtype, device=self.packed.device)
+        eye[torch.arange(k1 - k0), torch.arange(k0, k1)] = 1
+        return self.matmul(eye)
+
+    def _column_block(self) -> int:
+        return max(1, _BLOCK_ELEMENTS // self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        step = self._column_block()
+        return torch.cat([self.dequantized_columns(k, min(k + step, self.in_features)).T
+                          for k in range(0, self.in_features, step)], dim=1)
+
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y @ W, W rebuilt a block of columns at a time."""
+        step = self._column_block()
+        grad_x = torch.empty(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
+        for k in range(0, self.in_features, step):
+            k1 = min(k + step, self.in_features)
+            grad_x[:, k:k1] = grad_y @ self.dequantized_columns(k, k1).to(grad_y.dtype).T
+        return grad_x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(self, x)
 
 
 QuantLinear = (Int8Linear, Int4Linear)
+
+
+class WeightOnlyMatmul(torch.autograd.Function):
+    """x2 @ W^T through the layer's weight-only kernel, differentiable in x2 (W stays frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.matmul(x2)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return ctx.layer.input_grad(grad_y.contiguous()), None
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, layer.in_features).to(layer.compute_dtype)
+    y = WeightOnlyMatmul.apply(x2, layer) if torch.is_grad_enabled() and x2.requires_grad else layer.matmul(x2)
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
@@ -151,13 +213,15 @@ def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Mod
     return Int4Linear(k, n, linear.bias is not None, dtype, group)
 
 
-def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bool = False) -> list[str]:
+def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bool = False, lm_head: bool = True) -> list[str]:
     """Swap the linears named in the module docstring for quantized twins, in place.
 
     Called on a meta-device model before loading (the twins are then filled tensor by tensor)
-    or on a loaded model (the twins are filled from the current weights). Returns the swapped names.
+    or on a loaded model (the twins are filled from the current weights). `lm_head=False` keeps the
+    LM head in `dtype` (QLoRA training: the chunked loss reads its weight). Returns the swapped names.
     """
-    targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and _wanted(name, vision)]
+    targets = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and _wanted(name, vision) and (lm_head or name != "decoder.lm_head")]
     for name in targets:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)

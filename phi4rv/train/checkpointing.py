@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from phi4rv.checkpoint import ST_NAMES, save_checkpoint, shard_plan, to_release_name
-from phi4rv.lora import is_lora_param, lora_scales
+from phi4rv.lora import dense_names, is_lora_param, lora_scales
 from phi4rv.train.distributed import Dist
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -227,9 +227,10 @@ def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.opti
 
 def gathered_weights(model: nn.Module, lora: bool):
     """(name, whole CPU tensor) for every weight in state-dict order, one tensor at a time, LoRA
-    adapters merged as `lora.merge_state_dict` merges them. Collective under FSDP2: every process
-    iterates to the end (each tensor is all-gathered on every process, then dropped)."""
-    state = model.state_dict()  # under FSDP2: DTensors over this process's shards, nothing gathered
+    adapters merged as `lora.merge_state_dict` merges them, a quantized base (QLoRA) dequantized
+    first. Collective under FSDP2: every process iterates to the end (each tensor is all-gathered
+    on every process, then dropped)."""
+    state, quantized = dense_names(model)  # under FSDP2: DTensors over this process's shards, nothing gathered
     scales = lora_scales(model) if lora else {}
 
     def whole(t: torch.Tensor) -> torch.Tensor:
@@ -238,7 +239,7 @@ def gathered_weights(model: nn.Module, lora: bool):
     for name, t in state.items():
         if is_lora_param(name):
             continue
-        w = whole(t)
+        w = quantized[name].dequantized() if name in quantized else whole(t)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in scales:
             delta = whole(state[f"{module}.lora_B"]).float() @ whole(state[f"{module}.lora_A"]).float() * scales[module]
@@ -252,7 +253,7 @@ def write_gathered_weights(model: nn.Module, path: Path | None, lora: bool, dtyp
     streamed: each tensor is gathered, written and freed before the next, so no process ever holds
     the whole model. The process that writes passes `path`; the others pass None and only take
     part in the gathers."""
-    state = model.state_dict()
+    state, _ = dense_names(model)
     keys = [k for k in state if not is_lora_param(k)]
     out_dtype = {k: dtype or state[k].dtype for k in keys}
     release = {k: to_release_name(k) for k in keys}

@@ -38,6 +38,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields, e.g. decoder.hidden_size: 32
     dtype: str = "float32"  # weights as loaded; trained parameters are always kept in float32
     chat_template: str | None = None  # a .jinja file replacing the tokenizer's template
+    quantize: str | None = None  # QLoRA: "int8" | "int4" frozen base for the decoder's layers (LoRA stages only)
 
 
 @dataclass
@@ -310,6 +311,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.chat_template: file not found: {m.chat_template}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+    if m.quantize not in (None, "int8", "int4"):
+        raise ConfigError(f"model.quantize must be int8 or int4 (QLoRA), got {m.quantize!r}")
+    if m.quantize is not None:
+        for name, st in cfg.stages.items():
+            if "lora" not in st.train or "decoder" in st.train:
+                raise ConfigError(f"model.quantize: a quantized base only trains adapters, but stages.{name}.train has no 'lora' part")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.checkpoint.export_dtype not in (None, *DTYPES):

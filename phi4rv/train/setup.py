@@ -13,6 +13,7 @@ import torch
 from phi4rv.checkpoint import DTYPES, load_model
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
+from phi4rv.model.quant import quantize_modules
 from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
@@ -63,18 +64,24 @@ def model_config(cfg: TrainConfig, source: Path | None, tokenizer: Tokenizer) ->
     return apply_overrides(mc, cfg.model.overrides)
 
 
-def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None) -> Phi4RV:
+def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
+                device: torch.device | str = "cpu") -> Phi4RV:
     """The stage's model as it starts (a resumed stage starts the same way, then loads its trained
-    parameters from the checkpoint: train.checkpointing.load_training_checkpoint)."""
+    parameters from the checkpoint: train.checkpointing.load_training_checkpoint). A quantized base
+    (QLoRA) is quantized on `device`: the int4 kernels' packed layouts differ between CPU and CUDA."""
     dtype = DTYPES[cfg.model.dtype]
     lora = "lora" in stage.train
+    quantize = cfg.model.quantize  # QLoRA: the decoder's layers frozen in int8/int4, the LM head kept (chunked loss)
     if source is not None or cfg.model.checkpoint:
-        model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc)
+        model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc, quantize=quantize,
+                           quantize_lm_head=False, device=device if quantize else "cpu")
     else:
         torch.manual_seed(cfg.seed)
         model = Phi4RV(mc) if dtype == torch.float32 else init_in_dtype(mc, dtype)
         if dtype == torch.float32:
             model.init_weights()
+        if quantize:
+            quantize_modules(model.to(device), quantize, dtype, lm_head=False)
     if lora:
         torch.manual_seed(cfg.seed)
         lc = cfg.lora
@@ -113,9 +120,9 @@ def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
 def build_trainer(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
                   d: Dist) -> tuple[Phi4RV, torch.optim.Optimizer]:
     """The stage's model on this process's device (sharded across processes) and its optimizer."""
-    model = build_model(cfg, stage, mc, source)
+    model = build_model(cfg, stage, mc, source, d.device)
     lora = "lora" in stage.train
-    say(d, f"parts ({'LoRA r=' + str(cfg.lora.rank) + ', ' if lora else ''}{cfg.model.dtype} weights, {cfg.precision} compute):\n"
+    say(d, f"parts ({'LoRA r=' + str(cfg.lora.rank) + ', ' if lora else ''}{cfg.model.dtype}{' + ' + cfg.model.quantize + ' base' if cfg.model.quantize else ''} weights, {cfg.precision} compute):\n"
            + format_table(parameter_table(model, stage)))
     model.to(d.device)
     if d.enabled:
