@@ -158,7 +158,7 @@ def test_qlora_stage_lowers_the_loss_and_exports_the_dequantized_merge(qlora_set
     assert merged == 8
 
     chat = ChatModel.load(final, device="cpu")
-    result = chat.chat([{"role": "user", "content": "2+3"}], chat.params(max_new_tokens=4))
+    result = chat.chat([{"role": "user", "content": "2+3"}], params=chat.params(max_new_tokens=4))
     assert isinstance(result.text, str)
 
 
