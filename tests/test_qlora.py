@@ -40,7 +40,7 @@ def hand_int4(w: torch.Tensor, group: int) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_input_gradient_through_the_quantized_base_equals_the_dequantized_reference(kind, dtype, monkeypatch):
-    monkeypatch.setattr(quant, "_BLOCK_ELEMENTS", 40 * 96)  # several blocks, the last one partial
+    monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 40 * 96)  # several blocks, the last one partial
     torch.manual_seed(0)
     w = torch.randn(96, 256) * 0.05
     layer = Int8Linear(256, 96, bias=True, dtype=dtype) if kind == "int8" else Int4Linear(256, 96, bias=True, dtype=dtype, group=64)

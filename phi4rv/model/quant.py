@@ -20,7 +20,7 @@ a multiple of 16 cannot use the int4 kernel and is quantized to int8 instead.
 
 Backward (QLoRA, `phi4rv.lora.QLoRALinear`): the weight-only kernels have no autograd formula, so
 when the input needs a gradient the matmul runs inside `WeightOnlyMatmul`, whose backward is
-grad_x = grad_y @ W with W rebuilt a block at a time (at most `_BLOCK_ELEMENTS` values in the compute
+grad_x = grad_y @ W with W rebuilt a block at a time (at most `DEQUANT_BLOCK_ELEMENTS` values in the compute
 dtype: never a full-precision copy of a large matrix). int8 rebuilds rows (q * scale); int4 rebuilds
 columns by running the forward kernel on rows of the identity (I[k0:k1] @ W^T = W[:, k0:k1]^T), so
 the kernel's packed layout (CPU and CUDA differ, neither is documented) never has to be decoded and
@@ -37,7 +37,7 @@ from torch import nn
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 128
 _ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
-_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the backward or export holds (32 MB in bf16)
+DEQUANT_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the backward or export holds (32 MB in bf16)
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -90,7 +90,7 @@ class Int8Linear(nn.Module):
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y @ W, W rebuilt a block of rows at a time."""
-        rows = max(1, _BLOCK_ELEMENTS // self.in_features)
+        rows = max(1, DEQUANT_BLOCK_ELEMENTS // self.in_features)
         grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
         for r in range(0, self.out_features, rows):
             grad_x.addmm_(grad_y[:, r : r + rows], self.dequantized_rows(r, r + rows).to(grad_y.dtype))
@@ -160,7 +160,7 @@ class Int4Linear(nn.Module):
         return self.matmul(eye)
 
     def _column_block(self) -> int:
-        return max(1, _BLOCK_ELEMENTS // self.out_features)
+        return max(1, DEQUANT_BLOCK_ELEMENTS // self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         step = self._column_block()

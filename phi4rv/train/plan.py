@@ -4,7 +4,10 @@ Parameters are counted on a meta-device model (exact names, shapes, LoRA adapter
 arithmetic over how the loop runs (train.loop, train.distributed, train.loss):
 
 - parameters: frozen ones in `model.dtype`, trained ones in float32; with N processes FSDP2 keeps
-  1/N of each (ZeRO-3).
+  1/N of each (ZeRO-3). A quantized base (`model.quantize`, QLoRA) holds the decoder layers'
+  weights as buffers: int8 ~1 byte per weight (+ a scale per row), int4 ~0.53 (half a byte + a
+  scale and a zero per group of 128 in the compute dtype), whole on every process (FSDP2 shards
+  parameters, not buffers); the backward rebuilds one block of a weight at a time (<= 32 MB).
 - gathered: with N > 1 a unit's parameters are all-gathered (in the bf16 compute dtype under
   `precision: bfloat16`) while it runs: the root (LM head, projector, vision embeddings) for the
   whole step, plus the two largest other units (layers, token embeddings: the running one and
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from phi4rv.config import Phi4RVConfig
+from phi4rv.model.quant import DEQUANT_BLOCK_ELEMENTS, QuantLinear
 from phi4rv.train.config import StageConfig, TrainConfig
 
 GiB = 2**30
@@ -87,10 +91,13 @@ class MemoryPlan:
 
 def _meta_model(mc: Phi4RVConfig, cfg: TrainConfig, lora: bool):
     from phi4rv.lora import apply_lora
+    from phi4rv.model.quant import quantize_modules
     from phi4rv.model.vlm import Phi4RV
 
     with torch.device("meta"):
         model = Phi4RV(mc)
+        if cfg.model.quantize:
+            quantize_modules(model, cfg.model.quantize, getattr(torch, cfg.model.dtype), lm_head=False)
         if lora:
             lc = cfg.lora
             apply_lora(model, lc.rank, lc.alpha, 0.0, lc.targets, lc.vision_targets if lc.vision else None)
@@ -143,6 +150,10 @@ def plan_memory(
             unit_grad[u] = unit_grad.get(u, 0) + p.numel() * (gathered_bytes or 4)
         if bf16 and world == 1 and used and p.ndim == 2 and (4 if trains else base_bytes) == 4 and "embed" not in name:
             autocast_copies += p.numel() * 2  # the bf16 copy a matmul keeps for its backward
+    quantized = sum(b.numel() * b.element_size() for name, b in model.named_buffers()
+                    if name.endswith(("qweight", "scales", "packed", "scales_and_zeros")))
+    if quantized:
+        total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     layer_units = [v for k, v in unit_bytes.items() if k != "root"]
     if world > 1:
         params = stored // world
@@ -152,6 +163,7 @@ def plan_memory(
         grad_bytes = grads // world + unit_grad.get("root", 0) + max((v for k, v in unit_grad.items() if k != "root"), default=0)
     else:
         params, gathered, grad_bytes = stored, autocast_copies, grads
+    params += quantized
     optimizer = 2 * 4 * trainable // world
 
     d, v = mc.decoder, mc.vision
@@ -176,10 +188,14 @@ def plan_memory(
     else:
         logits = t * vocab * (act + 4 * 4)
     buffers = t * 8 * 4 + 2 * t * (d.hidden_size // d.num_attention_heads) * 4 + RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"])
+    if quantized:
+        buffers += DEQUANT_BLOCK_ELEMENTS * 2 * DTYPE_BYTES[cfg.model.dtype]  # a dequantized block and its product in the backward
 
     parts = {"parameters": params, "gathered": gathered, "gradients": grad_bytes, "optimizer": optimizer,
              "activations": activations, "logits": logits, "buffers": buffers}
     notes = []
+    if quantized:
+        notes.append(f"decoder layers quantized to {cfg.model.quantize} (QLoRA): {gib(quantized)} on every process")
     if image_fraction >= 1.0 and v.num_hidden_layers > 1:
         notes.append("vision activations assume every token is an image patch (an upper bound)")
     return MemoryPlan(stage_name, world, device, parts, ckpt, full, cfg.activation_checkpointing,
@@ -216,6 +232,12 @@ def options_that_fit(cfg: TrainConfig, stage_name: str, mc: Phi4RVConfig, world:
         if (n := total(cfg, w)) <= device_memory:
             out.append(f"{w} processes (torchrun): {gib(n)} each")
             break
+    if "lora" in stage.train and cfg.model.quantize != "int4":
+        for mode in ("int8", "int4") if cfg.model.quantize is None else ("int4",):
+            c = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantize=mode))
+            if (n := total(c)) <= device_memory:
+                out.append(f"model.quantize={mode} (QLoRA: adapters on a frozen {mode} base): {gib(n)}")
+                break
     if "lora" not in stage.train and "decoder" in stage.train:
         train = {k: v for k, v in stage.train.items() if k != "decoder"}
         train["lora"] = stage.train["decoder"] * 10
