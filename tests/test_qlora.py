@@ -195,3 +195,22 @@ def test_quantized_base_needs_a_lora_stage(qlora_setup, tmp_path):
     cfg["model"]["quantize"] = "nf4"
     with pytest.raises(ConfigError, match="model.quantize must be int8 or int4"):
         load_config(None, base=cfg)
+
+
+def test_plan_counts_a_quantized_15b_base_at_its_bytes_per_weight(qlora_setup, tmp_path):
+    from phi4rv.train.plan import plan_memory
+
+    root, toy, base = qlora_setup
+    mc = preset("phi4rv-15b")
+    d = mc.decoder
+    kv = d.num_key_value_heads * (d.hidden_size // d.num_attention_heads)
+    per_layer = d.hidden_size * (d.hidden_size + 2 * kv) + d.hidden_size**2 + 3 * d.hidden_size * d.intermediate_size
+    weights = d.num_hidden_layers * per_layer
+    plans = {}
+    for mode in (None, "int8", "int4"):
+        cfg = qlora_cfg(tmp_path, toy, base, mode)
+        cfg["model"]["dtype"] = "bfloat16"
+        plans[mode] = plan_memory(load_config(None, base=cfg), "toy", mc).parts["parameters"]
+    saved = {mode: plans[None] - plans[mode] for mode in ("int8", "int4")}
+    assert saved["int8"] == pytest.approx(weights * (2 - 1), rel=2e-3)  # + one bf16 scale per row
+    assert saved["int4"] == pytest.approx(weights * (2 - 0.5 - 2 * 2 / 128), rel=2e-3)  # + scale and zero per 128

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from phi4rv.lora import is_lora_param
+from phi4rv.model.quant import QuantLinear
 from phi4rv.train.config import PARTS, StageConfig
 
 
@@ -40,12 +41,15 @@ def freeze_for_stage(model: nn.Module, stage: StageConfig) -> None:
 
 def parameter_table(model: nn.Module, stage: StageConfig) -> list[tuple[str, str, int, float | None]]:
     """(part, "trains" | "frozen", parameter count, lr) per part, counting the parameters the
-    forward pass uses."""
+    forward pass uses (a quantized base's weights, buffers, as their in x out weights)."""
     counts: dict[str, int] = {}
     unused = unused_prefixes(model)
     for name, p in model.named_parameters():
         if not name.startswith(unused):
             counts[part_of(name)] = counts.get(part_of(name), 0) + p.numel()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and not name.startswith(unused):
+            counts[part_of(name)] = counts.get(part_of(name), 0) + m.in_features * m.out_features
     order = sorted(counts, key=lambda part: PARTS.index(part) if part in PARTS else len(PARTS))
     return [(part, "trains" if part in stage.train else "frozen", counts[part], stage.train.get(part)) for part in order]
 
