@@ -11,7 +11,7 @@ from safetensors import safe_open
 from phi4rv.chat_model import ChatModel
 from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.config import preset
-from phi4rv.lora import QLoRALinear, apply_lora
+from phi4rv.lora import QLoRALinear, apply_lora, export_merged, merge_lora
 from phi4rv.model import Phi4RV, quant
 from phi4rv.model.quant import Int4Linear, Int8Linear
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
@@ -214,3 +214,27 @@ def test_plan_counts_a_quantized_15b_base_at_its_bytes_per_weight(qlora_setup, t
     saved = {mode: plans[None] - plans[mode] for mode in ("int8", "int4")}
     assert saved["int8"] == pytest.approx(weights * (2 - 1), rel=2e-3)  # + one bf16 scale per row
     assert saved["int4"] == pytest.approx(weights * (2 - 0.5 - 2 * 2 / 128), rel=2e-3)  # + scale and zero per 128
+
+
+def test_merge_lora_and_export_merged_fold_the_adapter_into_the_dequantized_base(tmp_path):
+    cfg = apply_overrides(preset("tiny"), TINY_OVERRIDES)
+    cfg.decoder.vocab_size = 352
+    torch.manual_seed(0)
+    model = Phi4RV(cfg)
+    model.init_weights(std=0.1)
+    quant.quantize_modules(model, "int8", torch.float32, lm_head=False)
+    names = apply_lora(model, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(4)
+    for n in names:
+        model.get_submodule(n).lora_B.data.normal_(0, 0.1, generator=g)
+    ids = torch.randint(0, 352, (1, 10), generator=g)
+    with torch.no_grad():
+        unmerged = model.eval()(input_ids=ids)
+    exported = load_model(export_merged(model, tmp_path / "exported")).state_dict()
+    merge_lora(model)
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids), unmerged, rtol=1e-4, atol=1e-4)
+    dense = model.state_dict()  # merge_lora's weights, computed by another path than export_merged's
+    assert exported.keys() == dense.keys()
+    assert all(torch.equal(exported[k], dense[k]) for k in dense)
