@@ -37,18 +37,19 @@ def hand_int4(w: torch.Tensor, group: int) -> torch.Tensor:
     return (torch.round((g - lo) / s).clamp(0, 15) * s + lo).reshape(w.shape)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("kind,out", [("int8", 96), ("int4", 96), ("int4", 192)])  # int4: by columns / by rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_input_gradient_through_the_quantized_base_equals_the_dequantized_reference(kind, dtype, monkeypatch):
-    monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 40 * 96)  # several blocks, the last one partial
+def test_input_gradient_through_the_quantized_base_equals_the_dequantized_reference(kind, out, dtype, monkeypatch):
+    monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 40 * 256)  # several blocks, the last one partial
     torch.manual_seed(0)
-    w = torch.randn(96, 256) * 0.05
-    layer = Int8Linear(256, 96, bias=True, dtype=dtype) if kind == "int8" else Int4Linear(256, 96, bias=True, dtype=dtype, group=64)
+    w = torch.randn(out, 256) * 0.05
+    layer = Int8Linear(256, out, bias=True, dtype=dtype) if kind == "int8" else Int4Linear(256, out, bias=True, dtype=dtype, group=64)
     layer.set_weight(w, "cpu")
-    layer.bias = torch.nn.Parameter(torch.randn(96, dtype=dtype), requires_grad=False)
+    assert kind == "int8" or (layer._row_block() is not None) == (out % 64 == 0)
+    layer.bias = torch.nn.Parameter(torch.randn(out, dtype=dtype), requires_grad=False)
     ref_w = hand_int8(w) if kind == "int8" else hand_int4(w, 64)
     x = torch.randn(3, 7, 256, requires_grad=True)
-    gy = torch.randn(3, 7, 96)
+    gy = torch.randn(3, 7, out)
     layer(x).backward(gy)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=3e-2)
     torch.testing.assert_close(x.grad, (gy @ ref_w).float(), **tol)

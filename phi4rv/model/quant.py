@@ -21,11 +21,12 @@ a multiple of 16 cannot use the int4 kernel and is quantized to int8 instead.
 Backward (QLoRA, `phi4rv.lora.QLoRALinear`): the weight-only kernels have no autograd formula, so
 when the input needs a gradient the matmul runs inside `WeightOnlyMatmul`, whose backward is
 grad_x = grad_y @ W with W rebuilt a block at a time (at most `DEQUANT_BLOCK_ELEMENTS` values in the compute
-dtype: never a full-precision copy of a large matrix). int8 rebuilds rows (q * scale); int4 rebuilds
-columns by running the forward kernel on rows of the identity (I[k0:k1] @ W^T = W[:, k0:k1]^T), so
-the kernel's packed layout (CPU and CUDA differ, neither is documented) never has to be decoded and
-the backward sees exactly the weights the forward used. That costs in_features / tokens of the
-gradient matmul's time (the identity blocks do in x in x out multiply-adds per backward).
+dtype: never a full-precision copy of a large matrix). int8 rebuilds rows (q * scale); int4 on CPU
+with an output width that is a multiple of 64 (every 15B decoder layer) reads rows from the
+kernel's packed tiles; elsewhere (CUDA's tiled layout, other widths) it rebuilds columns by running
+the forward kernel on rows of the identity (I[k0:k1] @ W^T = W[:, k0:k1]^T), so no undocumented
+layout is decoded, at in x in x out extra multiply-adds per backward (in_features / tokens of the
+gradient matmul's own cost).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import nn
 QUANTIZE_MODES = ("int8", "int4")
 INT4_GROUP = 128
 _ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
+_CPU_INT4_TILE = 64  # rows per tile of the CPU int4 layout (when the output width is a multiple of it)
 DEQUANT_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the backward or export holds (32 MB in bf16)
 
 
@@ -162,13 +164,39 @@ class Int4Linear(nn.Module):
     def _column_block(self) -> int:
         return max(1, DEQUANT_BLOCK_ELEMENTS // self.out_features)
 
+    def _row_block(self) -> int | None:
+        """Rows per block when the packed layout can be read directly (CPU, out a multiple of 64), else None."""
+        if self.packed.device.type != "cpu" or self.out_features % _CPU_INT4_TILE:
+            return None
+        return max(1, DEQUANT_BLOCK_ELEMENTS // self.in_features // _CPU_INT4_TILE) * _CPU_INT4_TILE
+
+    def dequantized_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """W[r0:r1] from the CPU layout (r0, r1 multiples of 64): tiles of 64 rows, each [in, 32] bytes,
+        byte (k, i) holding row i in its low nibble and row 32 + i in its high one (torch 2.13's
+        `_convert_weight_to_int4pack_for_cpu`; the tests check it against the kernel's output)."""
+        tiles = self.packed.view(-1).view(self.out_features // _CPU_INT4_TILE, self.in_features, _CPU_INT4_TILE // 2)
+        t = tiles[r0 // _CPU_INT4_TILE : r1 // _CPU_INT4_TILE]
+        q = torch.cat([t & 15, t >> 4], dim=2).permute(0, 2, 1).reshape(r1 - r0, self.in_features // self.group, self.group)
+        sz = self.scales_and_zeros[:, r0:r1].float().transpose(0, 1)  # [rows, in/group, 2]: scale, min + 8 * scale
+        w = (q.float() - 8).mul_(sz[..., 0:1]).add_(sz[..., 1:2])
+        return w.view(r1 - r0, self.in_features).to(self.compute_dtype)
+
     def dequantized(self) -> torch.Tensor:
+        if self._row_block() is not None:
+            return self.dequantized_rows(0, self.out_features)
         step = self._column_block()
         return torch.cat([self.dequantized_columns(k, min(k + step, self.in_features)).T
                           for k in range(0, self.in_features, step)], dim=1)
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
-        """grad_y @ W, W rebuilt a block of columns at a time."""
+        """grad_y @ W, W rebuilt a block of rows (CPU layout) or columns (any layout) at a time."""
+        rows = self._row_block()
+        if rows is not None:
+            grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
+            for r in range(0, self.out_features, rows):
+                r1 = min(r + rows, self.out_features)
+                grad_x.addmm_(grad_y[:, r:r1], self.dequantized_rows(r, r1).to(grad_y.dtype))
+            return grad_x
         step = self._column_block()
         grad_x = torch.empty(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
         for k in range(0, self.in_features, step):
