@@ -13,8 +13,8 @@ import torch
 from phi4rv.checkpoint import DTYPES, load_model
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
-from phi4rv.model.quant import quantize_modules
 from phi4rv.model.decoder import RMSNorm
+from phi4rv.model.quant import quantize_modules
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
 from phi4rv.processing.tokenizer import Tokenizer, build_phi4_tokenizer
