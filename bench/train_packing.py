@@ -66,8 +66,9 @@ from common import (
 from phi4rv.config import DecoderConfig, Phi4RVConfig, VisionConfig
 from phi4rv.data.dataset import Example
 from phi4rv.data.packing import collate, pack_plan, pad_plan
-from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV
+from phi4rv.model import Phi4RV
 from phi4rv.processing.image import ImageProcessorConfig, naflex_size
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 SIDES = ("packed", "padded", "padded, length-grouped", "padded, token budget", "padded + padded images")
 DEFAULT_SIDES = SIDES[:4]

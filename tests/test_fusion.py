@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from phi4rv.config import preset
-from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, Phi4RV, expand_image_tokens
+from phi4rv.model import Phi4RV
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 from phi4rv.train.loss import mean_loss
 
 I = IMAGE_TOKEN_ID

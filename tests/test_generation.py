@@ -7,9 +7,10 @@ from hf_reference import hf_phi3
 from phi4rv.chat_model import ChatModel
 from phi4rv.generation.generate import FORCED_CLOSE, GenerationParams, Request, generate, generate_stream
 from phi4rv.generation.sampling import SamplingParams, sample
-from phi4rv.model import Phi4RV, expand_image_tokens
+from phi4rv.model import Phi4RV
 from phi4rv.processing.chat import encode_chat
 from phi4rv.processing.image import process_image
+from phi4rv.processing.tokens import expand_image_tokens
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from phi4rv.chat_model import ChatModel
 from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.model import expand_image_tokens
 from phi4rv.processing.chat import THINK_END, THINK_START
 from phi4rv.processing.image import ImagePatches, process_image
+from phi4rv.processing.tokens import expand_image_tokens
 from phi4rv.serve.engine import Engine, EngineRequest, ShuttingDown
 
 

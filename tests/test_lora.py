@@ -9,9 +9,10 @@ from release_files import layout_differences
 from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.config import preset
 from phi4rv.lora import LoRALinear, apply_lora, export_merged, merge_lora
-from phi4rv.model import IMAGE_TOKEN_ID, Phi4RV, expand_image_tokens
+from phi4rv.model import Phi4RV
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IMAGE_TOKEN_ID, expand_image_tokens
 from phi4rv.train import loop
 from phi4rv.train.config import load_config
 from phi4rv.train.metrics import read_metrics

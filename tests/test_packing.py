@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from phi4rv.config import preset
 from phi4rv.data.dataset import SampleEncoder
 from phi4rv.data.packing import collate, pack_plan, pad_plan
-from phi4rv.model import IGNORE_INDEX, Phi4RV
+from phi4rv.model import Phi4RV
 from phi4rv.model.vlm import segment_positions
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IGNORE_INDEX
 from phi4rv.train.toy import TOY_TEMPLATE, add_sample, colour_sample
 
 

@@ -20,10 +20,10 @@ from phi4rv.data.dataset import SampleEncoder
 from phi4rv.data.formats import Sample
 from phi4rv.eval.backends import LocalBackend, Query
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE, MODES, encode_chat, mode_prefix
 from phi4rv.processing.image import ImageProcessorConfig, naflex_size
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 
 RELEASE_TEMPLATE = (Path(__file__).parent / "fixtures" / "chat_template.jinja").read_text(encoding="utf-8")
 TEMPLATES = {"release": RELEASE_TEMPLATE, "phi4rv": DEFAULT_CHAT_TEMPLATE}

@@ -9,10 +9,10 @@ from PIL import Image
 
 from phi4rv.data.dataset import SampleEncoder, SkipSample, Source, mixture_order
 from phi4rv.data.formats import Sample, read_samples, write_parquet
-from phi4rv.model import IGNORE_INDEX, IMAGE_TOKEN_ID
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
 from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
+from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from phi4rv.config import preset
 from phi4rv.data.dataset import Example
 from phi4rv.data.packing import collate
-from phi4rv.model.vlm import IGNORE_INDEX, Phi4RV
+from phi4rv.model.vlm import Phi4RV
+from phi4rv.processing.tokens import IGNORE_INDEX
 from phi4rv.train.loss import chunked_cross_entropy, loss_terms
 from phi4rv.train.toy import TINY_OVERRIDES
 

@@ -14,7 +14,7 @@ from phi4rv.config import Phi4RVConfig
 from phi4rv.model.decoder import Decoder, KVCache, RMSNorm
 from phi4rv.model.projector import build_projector
 from phi4rv.model.vision import Grid, VisionEncoder
-from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens  # noqa: F401  (re-exported)
+from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 
 
 def attention_mask(
