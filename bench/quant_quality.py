@@ -88,13 +88,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="20 training steps, 16 held-out sequences (a smoke test)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.tiny:
+        args.steps = min(args.steps, 20)
     torch.set_num_threads(args.threads)
     print(f"machine: cpu={cpu_model()}, torch={torch.__version__}, threads={torch.get_num_threads()}")
     t0 = time.perf_counter()
     model = train_toy(args.steps, args.seed)
-    held = sequences(128, 32, torch.Generator().manual_seed(10_000 + args.seed))
+    held = sequences(16 if args.tiny else 128, 32, torch.Generator().manual_seed(10_000 + args.seed))
     prompts = held[:16, :3]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

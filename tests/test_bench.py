@@ -126,3 +126,35 @@ def test_memory_plan_error_is_plan_over_measured(tmp_path):
     assert row["world"] == 1 and row["measured_gib"] > 0
     assert row["plan_gib"] == pytest.approx(sum(row["plan_parts_gib"].values()), rel=1e-6)
     assert row["error"] == pytest.approx(row["plan_gib"] / row["measured_gib"] - 1, abs=1e-2)
+
+
+def test_big_model_runs_end_to_end_at_the_tiny_preset(tmp_path):
+    out = tmp_path / "big.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "big_model.py"), "--tiny", "--dir", str(tmp_path / "ckpt"),
+                           "--quantize", "int8,int4", "--repeats", "1", "--new-tokens", "4", "--json", str(out)],
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fig = json.loads(out.read_text())
+    assert fig["write"]["bytes"] > 0 and fig["write"]["shards"] >= 1
+    assert not (tmp_path / "ckpt").exists()  # deleted after unless --keep
+    for mode in ("int8", "int4"):
+        run = fig["runs"][mode]
+        assert run["bandwidth"] > 0 and 0 < run["decode_bytes"] < run["resident_bytes"]
+        text, image = run["prompts"]["text"][0], run["prompts"]["image"][0]
+        assert text["image_tokens"] == 0 and image["image_tokens"] > 0
+        assert text["new_tokens"] == image["new_tokens"] == 4 and text["decode_tok_s"] > 0
+    assert fig["runs"]["int4"]["resident_bytes"] < fig["runs"]["int8"]["resident_bytes"]
+
+
+def test_quant_quality_reference_row_is_exact(tmp_path):
+    out = tmp_path / "quant.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "quant_quality.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    ref = rows["fp32"]
+    assert ref["kl_max"] == 0 and ref["top1_agreement"] == 1 and ref["greedy_identical"] == 1
+    sizes = [rows[k]["decoder_bytes"] for k in ("fp32", "bf16", "int8 (bf16 act)", "int4 (bf16 act)")]
+    assert sizes == sorted(sizes, reverse=True)
+    for row in rows.values():
+        assert row["kl_mean"] >= 0 and 0 <= row["top1_agreement"] <= 1
