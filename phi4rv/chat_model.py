@@ -22,9 +22,9 @@ from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, ge
 from phi4rv.generation.grammar import Grammar
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.model.vlm import Phi4RV
-from phi4rv.processing.chat import MODES, Grounding, encode_chat, ground, grounding_prompt
+from phi4rv.processing.chat import Grounding, encode_chat, ground, grounding_prompt
 from phi4rv.processing.image import ImageProcessorConfig, ImageSource, image_size, process_image
-from phi4rv.processing.reasoning import CompletionSplitter, Delta, parse_completion
+from phi4rv.processing.reasoning import MODES, CompletionSplitter, Delta, parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
 
 

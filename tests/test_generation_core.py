@@ -12,8 +12,8 @@ from phi4rv.chat_model import ChatModel
 from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.processing.chat import THINK_END, THINK_START
 from phi4rv.processing.image import ImagePatches, process_image
+from phi4rv.processing.reasoning import THINK_END, THINK_START
 from phi4rv.processing.tokens import expand_image_tokens
 from phi4rv.serve.engine import Engine, EngineRequest, ShuttingDown
 
@@ -248,7 +248,8 @@ def test_release_tokenizer_has_single_token_markers_that_bind_split_and_budget(c
     model = prefer(cm.model, close_id[0])
     g = generate(model, cm.tokenizer, [req(cm, "Hi", mode="think")], params(8))[0]
     assert g.token_ids[0] != close_id[0] and g.token_ids.count(close_id[0]) == 1
-    from phi4rv.processing.chat import encode_chat, parse_completion
+    from phi4rv.processing.chat import encode_chat
+    from phi4rv.processing.reasoning import parse_completion
 
     parsed = parse_completion(g.text, "think")
     assert parsed.thinking and THINK_END not in parsed.answer
@@ -272,7 +273,7 @@ def test_constrained_answer_follows_reasoning_even_when_the_model_would_stop(cm)
     import jsonschema
 
     from phi4rv.generation.grammar import Grammar
-    from phi4rv.processing.chat import parse_completion
+    from phi4rv.processing.reasoning import parse_completion
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     grammar = Grammar.from_schema(schema, cm.tokenizer)

@@ -20,8 +20,9 @@ from phi4rv.data.dataset import SampleEncoder
 from phi4rv.data.formats import Sample
 from phi4rv.eval.backends import LocalBackend, Query
 from phi4rv.generation.sampling import SamplingParams
-from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE, MODES, encode_chat, mode_prefix
+from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE, encode_chat, mode_prefix
 from phi4rv.processing.image import ImageProcessorConfig, naflex_size
+from phi4rv.processing.reasoning import MODES
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID, expand_image_tokens
 

@@ -57,7 +57,7 @@ def test_constrained_answers_always_parse_and_validate(tiny_ckpt, schema, seeds)
             params = GenerationParams(max_new_tokens=80, sampling=SamplingParams(temperature=1.0), seed=seed,
                                       stop_ids=cm.stop_ids(), grammar=grammar, thinking_budget=4)
             for g in generate(cm.model, cm.tokenizer, [request] * 8, params):
-                from phi4rv.processing.chat import parse_completion
+                from phi4rv.processing.reasoning import parse_completion
 
                 answer = parse_completion(g.text, mode).answer
                 jsonschema.validate(json.loads(answer), schema)

@@ -43,8 +43,9 @@ from phi4rv.data.mix import dataset_name
 from phi4rv.data.synth import regenerate
 from phi4rv.data.teacher import TeacherConfig, teacher_answers
 from phi4rv.processing.answers import normalize_text
-from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN
+from phi4rv.processing.chat import IMAGE_TOKEN
 from phi4rv.processing.image import ImageError, ImageProcessorConfig, load_image
+from phi4rv.processing.reasoning import NOTHINK_TOKEN
 
 KEEP, FIX, WRONG, BAD = "keep", "fixable_format", "wrong_answer", "bad_question_or_image"
 CLASSES = (KEEP, FIX, WRONG, BAD)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from phi4rv.processing.chat import IMAGE_TOKEN, NOTHINK_TOKEN, THINK_START, content_text
+from phi4rv.processing.chat import IMAGE_TOKEN, content_text
+from phi4rv.processing.reasoning import NOTHINK_TOKEN, THINK_START
 
 ImageRef = Union[bytes, str]  # encoded bytes, or a path to a file
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

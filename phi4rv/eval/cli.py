@@ -12,7 +12,7 @@ from phi4rv.eval.official import RULES
 from phi4rv.eval.records import iter_lines
 from phi4rv.eval.tasks import PAPER_AVERAGE, TASKS, Task, get_task
 from phi4rv.eval.tasks.base import EvalError
-from phi4rv.processing.chat import MODES
+from phi4rv.processing.reasoning import MODES
 
 
 def _data_overrides(items: list[str]) -> dict[str, Path]:

@@ -15,8 +15,7 @@ from phi4rv.eval.backends import Query, Reply
 from phi4rv.eval.records import RecordWriter, done_ids, merge_run, read_records, records_path
 from phi4rv.eval.tasks import EvalSample, Task
 from phi4rv.eval.tasks.base import EvalError
-from phi4rv.processing.chat import MODES
-from phi4rv.processing.reasoning import parse_completion
+from phi4rv.processing.reasoning import MODES, parse_completion
 
 
 @dataclass

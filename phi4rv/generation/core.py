@@ -22,8 +22,8 @@ from phi4rv.generation.cache import SlotCache
 from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
 from phi4rv.model.vlm import Phi4RV, image_segment_ids
-from phi4rv.processing.chat import MODES, THINK_END, THINK_START
 from phi4rv.processing.image import ImagePatches
+from phi4rv.processing.reasoning import MODES, THINK_END, THINK_START
 from phi4rv.processing.tokenizer import StreamDecoder, Tokenizer
 from phi4rv.processing.tokens import IMAGE_TOKEN_ID, expand_image_tokens
 

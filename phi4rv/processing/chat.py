@@ -21,16 +21,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# The markers and the thinking/answer split live in `reasoning`; they are named here too, for the
-# many callers that read them with the rest of the chat format.
-from phi4rv.processing.reasoning import MODES as MODES
-from phi4rv.processing.reasoning import NOTHINK_TOKEN as NOTHINK_TOKEN
-from phi4rv.processing.reasoning import STOP_TOKENS as STOP_TOKENS
-from phi4rv.processing.reasoning import THINK_END as THINK_END
-from phi4rv.processing.reasoning import THINK_START as THINK_START
-from phi4rv.processing.reasoning import Completion as Completion
-from phi4rv.processing.reasoning import Mode as Mode
-from phi4rv.processing.reasoning import parse_completion as parse_completion
+from phi4rv.processing.reasoning import MODES, NOTHINK_TOKEN, THINK_START, Mode
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.processing.tokens import IMAGE_TOKEN_ID
 

@@ -26,7 +26,8 @@ from phi4rv.data.synth.cards import (
     sum_trace,
 )
 from phi4rv.data.synth.common import png_bytes
-from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START
+from phi4rv.processing.chat import IMAGE_TOKEN
+from phi4rv.processing.reasoning import THINK_END, THINK_START
 from phi4rv.recipe.heldout import take_excluding
 
 Leaks = Callable[[Sample], bool]

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from phi4rv.processing.chat import MODES
+from phi4rv.processing.reasoning import MODES
 from phi4rv.recipe.runner import LINES, STEPS
 
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "examples" / "images" / "photo.jpg"

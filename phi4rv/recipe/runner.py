@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from phi4rv.processing.chat import MODES
+from phi4rv.processing.reasoning import MODES
 from phi4rv.recipe.presets import RecipePreset
 
 STEPS = ("tokenizer", "data", "stage0_decoder", "stage0_vision", "stages", "eval", "report")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi4rv.data.formats import Sample, read_samples, write_parquet
-from phi4rv.processing.chat import MODES
+from phi4rv.processing.reasoning import MODES
 from phi4rv.recipe import data as world
 from phi4rv.recipe.heldout import HeldOut
 from phi4rv.recipe.report import render

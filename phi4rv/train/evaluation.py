@@ -10,7 +10,7 @@ import torch
 from phi4rv.data.dataset import SampleEncoder
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.answers import norm_text
-from phi4rv.processing.chat import parse_completion
+from phi4rv.processing.reasoning import parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train.batches import EvalSet, MicroBatches, loader
 from phi4rv.train.config import TrainConfig

@@ -13,7 +13,8 @@ from typing import Any
 from PIL import Image, ImageFont
 
 from phi4rv.data.formats import Sample
-from phi4rv.processing.chat import IMAGE_TOKEN, THINK_END, THINK_START
+from phi4rv.processing.chat import IMAGE_TOKEN
+from phi4rv.processing.reasoning import THINK_END, THINK_START
 
 
 @dataclass(frozen=True)
