@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,47 +405,61 @@ def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen:
     raise TypeError(f"no random init rule for {type(module).__name__}.{leaf}")
 
 
-def write_random_weights(
-    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
-) -> None:
-    """Random weights for a (meta-device) model, written tensor by tensor in `save_weights`' layout.
-
-    Each tensor is drawn, written and freed before the next: peak memory is the largest tensor
-    (the 15B's embedding, 1 GB in bf16), never the model. The files are safetensors written
-    directly (8-byte header length, JSON header, raw little-endian data) so no shard is held
-    whole either.
-    """
-    path = Path(path)
-    gen = torch.Generator().manual_seed(seed)
-    params = {to_release_name(n): (n, p.shape) for n, p in model.named_parameters()}
-    sizes = [(key, shape.numel() * dtype.itemsize) for key, (_, shape) in params.items()]
-    plan = shard_plan(sizes, max_shard_bytes)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(plan, 1):
+def write_streamed_weights(path: str | Path | None, specs: list[tuple[str, torch.Size, torch.dtype]],
+                           tensors: Iterator[torch.Tensor], max_shard_bytes: int = 5 * 2**30) -> None:
+    """`save_weights`' files (same shards, names, index) from `tensors`, one per (release name,
+    shape, dtype) of `specs` in order, each written and dropped before the next is drawn: peak
+    memory is one tensor, never a shard. The files are safetensors written directly (8-byte header
+    length, JSON header, raw little-endian data). With `path` None the tensors are only drawn (a
+    process that takes part in collective gathers but does not write)."""
+    sizes = {name: shape.numel() * dtype.itemsize for name, shape, dtype in specs}
+    plan = shard_plan(list(sizes.items()), max_shard_bytes)
+    weight_map, total, at = {}, 0, 0
+    for i, names in enumerate(plan, 1):
         fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        shard = specs[at : at + len(names)]
+        at += len(names)
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for key in keys:
-            shape = params[key][1]
-            nbytes = shape.numel() * dtype.itemsize
-            header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[key] = fname
+        for name, shape, dtype in shard:
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + sizes[name]]}
+            offset += sizes[name]
+            weight_map[name] = fname
         total += offset
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-(8 + len(blob)) % 8)
-        with open(path / fname, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little") + blob)
-            for key in keys:
-                name, shape = params[key]
-                module_name, _, leaf = name.rpartition(".")
-                t = torch.empty(shape, dtype=dtype)
-                _random_fill(model.get_submodule(module_name), leaf, t, std, gen)
-                if t.numel():
-                    f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+        f = open(Path(path) / fname, "wb") if path is not None else None
+        try:
+            if f is not None:
+                f.write(len(blob).to_bytes(8, "little") + blob)
+            for _, _, dtype in shard:
+                t = next(tensors)
+                if f is not None and t.numel():
+                    f.write(memoryview(t.to(dtype).contiguous().view(-1).view(torch.uint8).numpy()))
                 del t
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        finally:
+            if f is not None:
+                f.close()
+    if path is not None:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (Path(path) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_random_weights(
+    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Random weights for a (meta-device) model, drawn tensor by tensor into `save_weights`' layout
+    (`write_streamed_weights`: peak memory is the largest tensor, the 15B's embedding, never the model)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.named_parameters())
+
+    def drawn():
+        for name, p in params:
+            module_name, _, leaf = name.rpartition(".")
+            yield _random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
+
+    specs = [(to_release_name(name), p.shape, dtype) for name, p in params]
+    write_streamed_weights(path, specs, drawn(), max_shard_bytes)
 
 
 def init_checkpoint(

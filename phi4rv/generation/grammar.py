@@ -80,7 +80,7 @@ def _index(pattern: str, vocabulary: _Vocabulary):
 
 
 @lru_cache(maxsize=64)
-def _grammar(pattern: str, vocabulary: _Vocabulary, tokenizer: Tokenizer) -> Grammar:
+def _grammar(pattern: str, tokenizer: Tokenizer) -> Grammar:
     return Grammar(pattern, tokenizer)
 
 
@@ -156,7 +156,7 @@ class Grammar:
     def compile(cls, pattern: str, tokenizer: Tokenizer) -> Grammar:
         """The shared Grammar of `pattern` (its distance table and masks are reused by every
         request that asks for the same language)."""
-        return _grammar(pattern, _Vocabulary.of(tokenizer), tokenizer)
+        return _grammar(pattern, tokenizer)
 
     def start(self) -> Constraint:
         return Constraint(self)

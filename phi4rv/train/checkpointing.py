@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from phi4rv.checkpoint import ST_NAMES, save_checkpoint, shard_plan, to_release_name
+from phi4rv.checkpoint import save_checkpoint, to_release_name, write_streamed_weights
 from phi4rv.lora import dense_names, is_lora_param, lora_scales
 from phi4rv.train.distributed import Dist
 
@@ -249,46 +249,12 @@ def gathered_weights(model: nn.Module, lora: bool):
 
 def write_gathered_weights(model: nn.Module, path: Path | None, lora: bool, dtype: torch.dtype | None = None,
                            max_shard_bytes: int = 5 * 2**30) -> None:
-    """`checkpoint.save_weights`' files (same shards, names, index) for a possibly sharded model,
-    streamed: each tensor is gathered, written and freed before the next, so no process ever holds
-    the whole model. The process that writes passes `path`; the others pass None and only take
-    part in the gathers."""
+    """`checkpoint.save_weights`' files for a possibly sharded model, streamed: each tensor is
+    gathered, written and freed before the next, so no process ever holds the whole model. The
+    process that writes passes `path`; the others pass None and only take part in the gathers."""
     state, _ = dense_names(model)
-    keys = [k for k in state if not is_lora_param(k)]
-    out_dtype = {k: dtype or state[k].dtype for k in keys}
-    release = {k: to_release_name(k) for k in keys}
-    plan = shard_plan([(release[k], state[k].shape.numel() * out_dtype[k].itemsize) for k in keys], max_shard_bytes)
-    tensors = gathered_weights(model, lora)
-    weight_map, total = {}, 0
-    for i, names in enumerate(plan, 1):
-        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-        shard = keys[len(weight_map):len(weight_map) + len(names)]
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for k in shard:
-            nbytes = state[k].shape.numel() * out_dtype[k].itemsize
-            header[release[k]] = {"dtype": ST_NAMES[out_dtype[k]], "shape": list(state[k].shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[release[k]] = fname
-        total += offset
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-(8 + len(blob)) % 8)
-        f = open(path / fname, "wb") if path is not None else None
-        try:
-            if f is not None:
-                f.write(len(blob).to_bytes(8, "little") + blob)
-            for k in shard:
-                name, t = next(tensors)
-                assert name == k
-                if f is not None and t.numel():
-                    f.write(memoryview(t.to(out_dtype[k]).contiguous().view(-1).view(torch.uint8).numpy()))
-                del t
-        finally:
-            if f is not None:
-                f.close()
-    if path is not None:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    specs = [(to_release_name(k), t.shape, dtype or t.dtype) for k, t in state.items() if not is_lora_param(k)]
+    write_streamed_weights(path, specs, (t for _, t in gathered_weights(model, lora)), max_shard_bytes)
 
 
 def export_release(model: nn.Module, out: Path, tokenizer, d: Dist, lora: bool, dtype: torch.dtype | None = None) -> Path:
