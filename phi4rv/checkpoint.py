@@ -103,6 +103,7 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # works on 1024 rows at a time (stored, fp32 and int32 temporaries: ~1024 * 17920 * 20 bytes = 367 MB
 # at the 15B's widths, for down_proj).
 LOAD_ALLOWANCE_BYTES = 400 * 2**20
+INIT_STD = 0.02  # random init: normal(0, INIT_STD) matrices and embeddings
 
 
 @dataclass
@@ -233,6 +234,34 @@ def _check_memory(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, d
     )
 
 
+def stored_parameters(path: Path, model: nn.Module) -> dict[str, StoredTensor]:
+    """Where each of `model`'s parameters is stored in the checkpoint folder `path` (by parameter
+    name), checked against the model's shapes: one-line errors for unexpected, missing or
+    misshapen weights."""
+    stored: dict[str, StoredTensor] = {}
+    for file in weight_files(path):
+        stored.update(read_header(file))
+    expected = dict(model.named_parameters())
+    found, unexpected = {}, []
+    for key, st in stored.items():
+        name = from_release_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        want = tuple(expected[name].shape)
+        if st.shape != want:
+            raise CheckpointError(f"{st.file.name}: {key} has shape {list(st.shape)}, config expects {list(want)}")
+        found[name] = st
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected weights: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    missing = [to_release_name(n) for n in expected if n not in found]
+    if missing:
+        raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return found
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -264,46 +293,26 @@ def load_model(
         dtype = DTYPES[dtype]
     device = torch.device(device)
     cfg = config or Phi4RVConfig.load(path)
-    stored: dict[str, StoredTensor] = {}
-    for file in weight_files(path):
-        stored.update(read_header(file))
     with torch.device("meta"):
         model = Phi4RV(cfg)
-    expected = dict(model.named_parameters())
-    names, unexpected = {}, []
-    for key, st in stored.items():
-        name = from_release_name(key)
-        if name is None:
-            continue
-        if name not in expected:
-            unexpected.append(key)
-            continue
-        want = tuple(expected[name].shape)
-        if st.shape != want:
-            raise CheckpointError(f"{st.file.name}: {key} has shape {list(st.shape)}, config expects {list(want)}")
-        names[name] = key
-    if unexpected:
-        raise CheckpointError(f"{path}: unexpected weights: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    missing = [to_release_name(n) for n in expected if n not in names]
-    if missing:
-        raise CheckpointError(f"{path}: missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    stored = stored_parameters(path, model)
     if quantize:
-        compute = dtype or stored[names["decoder.embed_tokens.weight"]].dtype
+        compute = dtype or stored["decoder.embed_tokens.weight"].dtype
         if not compute.is_floating_point:
             raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
         dtype = compute
         quantize_modules(model, quantize, compute, vision=quantize_vision, lm_head=quantize_lm_head)
     if check_memory:
-        need = model_bytes(model, dtype, {n: stored[k].dtype for n, k in names.items()})
-        _check_memory(cfg, dtype or stored[names["decoder.embed_tokens.weight"]].dtype, quantize, device, need)
+        need = model_bytes(model, dtype, {n: st.dtype for n, st in stored.items()})
+        _check_memory(cfg, dtype or stored["decoder.embed_tokens.weight"].dtype, quantize, device, need)
     by_file: dict[Path, list[str]] = {}
-    for name, key in names.items():
-        by_file.setdefault(stored[key].file, []).append(name)
+    for name, st in stored.items():
+        by_file.setdefault(st.file, []).append(name)
     for file, file_names in by_file.items():
         fd = os.open(file, os.O_RDONLY)
         try:
-            for name in sorted(file_names, key=lambda n: stored[names[n]].start):
-                st = stored[names[name]]
+            for name in sorted(file_names, key=lambda n: stored[n].start):
+                st = stored[name]
                 target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
                 owner = quantized_name(model, name)
                 if owner is not None and owner[1] == "weight":
@@ -394,7 +403,7 @@ def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+def random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     """The values `Phi4RV.init_weights` gives this parameter, drawn into `t` in place."""
     if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
         return t.normal_(0.0, std, generator=gen)
@@ -446,7 +455,7 @@ def write_streamed_weights(path: str | Path | None, specs: list[tuple[str, torch
 
 
 def write_random_weights(
-    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
+    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = INIT_STD, max_shard_bytes: int = 5 * 2**30
 ) -> None:
     """Random weights for a (meta-device) model, drawn tensor by tensor into `save_weights`' layout
     (`write_streamed_weights`: peak memory is the largest tensor, the 15B's embedding, never the model)."""
@@ -456,7 +465,7 @@ def write_random_weights(
     def drawn():
         for name, p in params:
             module_name, _, leaf = name.rpartition(".")
-            yield _random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
+            yield random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
 
     specs = [(to_release_name(name), p.shape, dtype) for name, p in params]
     write_streamed_weights(path, specs, drawn(), max_shard_bytes)

@@ -16,13 +16,14 @@ import torch
 import yaml
 from PIL import Image
 
-from phi4rv.checkpoint import load_model
+from phi4rv.checkpoint import load_model, save_checkpoint
 from phi4rv.cli import main
 from phi4rv.data.formats import Sample, write_jsonl
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.train.config import ConfigError, load_config
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
+from phi4rv.train.setup import build_model, load_tokenizer, model_config
 from phi4rv.train.toy import TOY_TEMPLATE, add_sample, colour_sample, toy_config, write_toy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +201,40 @@ def test_checkpoint_saved_by_two_processes_resumes_at_one_and_at_four(tmp_path):
     saved["run_dir"] = str(run_dir)
     with pytest.raises(ConfigError, match="tokens_per_step=3072"):
         run(load_config(None, base=saved), resume=True)
+
+
+@needs_torchrun
+def test_two_processes_fill_their_shards_from_a_bf16_checkpoint_as_one_process_loads_it(tmp_path):
+    """Under torchrun the model is built on the meta device and each process reads only its rows of
+    each stored tensor (bf16 on disk, float32 in training), LoRA's A matrices drawn as one process
+    draws them (rank 3: rows split 2 + 1): the evaluation before any step, every step's loss and
+    the merged export equal one process's."""
+    toy = write_toy(tmp_path / "toy", n_train=48, n_test=8)
+    base = load_config(None, base=toy_config(tmp_path / "base", toy))
+    tok = load_tokenizer(base)
+    model = build_model(base, base.stages["toy"], model_config(base, None, tok), None)
+    save_checkpoint(model, tmp_path / "ckpt", tok, dtype=torch.bfloat16)
+
+    cfgs = {}
+    for name in ("one", "two"):
+        cfg = toy_config(tmp_path / name, toy, steps=3, train={"lora": 5e-3})
+        cfg["model"] = {"checkpoint": str(tmp_path / "ckpt"), "dtype": "float32"}
+        cfg["lora"] = {"rank": 3, "alpha": 6.0}
+        cfg["stages"]["toy"]["data"]["tokens_per_step"] = 2 * 768
+        cfg["eval"] = {"datasets": [{"path": str(toy / "test.jsonl")}], "at_start": True}
+        cfgs[name] = cfg
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfgs["two"]))
+    torchrun(tmp_path / "two.yaml")
+    run_one_process(cfgs["one"])
+
+    one, two = (read_metrics(tmp_path / n / "toy" / "metrics.jsonl") for n in ("one", "two"))
+    first = lambda rs: next(r for r in rs if "eval/loss" in r)  # noqa: E731
+    assert first(one)["step"] == first(two)["step"] == 0
+    assert first(two)["eval/loss"] == pytest.approx(first(one)["eval/loss"], rel=1e-6)
+    assert [r["train/loss"] for r in two if "train/loss" in r] == pytest.approx(
+        [r["train/loss"] for r in one if "train/loss" in r], rel=1e-5)
+    a, b = load_model(tmp_path / "one" / "toy" / "final").state_dict(), load_model(tmp_path / "two" / "toy" / "final").state_dict()
+    stored = load_model(tmp_path / "ckpt").state_dict()
+    assert any(not torch.equal(a[k], stored[k].float()) for k in a)  # the adapters were merged in
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k

@@ -133,6 +133,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection. `head(h, apply=f)` returns `f(h, weight)` from inside the head's own
+    forward: training's chunked loss uses the weight directly, and a wrapper that gathers the
+    weight around the head's forward (an FSDP2 unit) then still gathers it for that use."""
+
+    def forward(self, x: torch.Tensor, apply=None):
+        return super().forward(x) if apply is None else apply(x, self.weight)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -140,7 +149,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.checkpointing = False  # activation checkpointing per layer (training)
 
     def forward(

@@ -1,8 +1,8 @@
 """One process or many: process group setup, FSDP2 sharding, collectives.
 
 Under `torchrun` (RANK / WORLD_SIZE set) the model is sharded with FSDP2 `fully_shard`: each
-decoder layer, each vision layer and the token embeddings are their own units, the rest (LM head,
-projector, vision embeddings, norms) belongs to the root. gloo on CPU, NCCL on GPU (one GPU per process, `LOCAL_RANK`). The optimizer
+decoder layer, each vision layer, the token embeddings and the LM head are their own units, the
+rest (projector, vision embeddings, norms) belongs to the root. gloo on CPU, NCCL on GPU (one GPU per process, `LOCAL_RANK`). The optimizer
 state is sharded along with the parameters (ZeRO-3; the paper used ZeRO-1).
 
 Multi-node: run the same command on every node with a shared rendezvous, e.g.
@@ -95,11 +95,24 @@ def shard_model(model: nn.Module, d: Dist, param_dtype: torch.dtype | None = Non
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     for layer in model.decoder.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
-    # the embedding table (100352 x 5120 in the 15B) is gathered only while the lookup runs; the LM
-    # head stays in the root: the chunked loss applies it after the forward (train.loss)
+    # the embedding table and the LM head (100352 x 5120 each in the 15B) are gathered only while
+    # the lookup runs, and while the loss (train.loss, inside the head's forward) and its backward run
     fully_shard(model.decoder.embed_tokens, mesh=mesh, mp_policy=mp)
+    fully_shard(model.decoder.lm_head, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def local_rows(p: torch.Tensor, d: Dist) -> tuple[torch.Tensor, slice]:
+    """This process's part of a parameter that FSDP2 sharded along dim 0, and the rows of the whole
+    it holds (torch.chunk's split: ceil(n / world) rows each, the last parts shorter or empty)."""
+    local = p.to_local()
+    n = p.shape[0]
+    per = -(-n // d.world)
+    start = min(d.rank * per, n)
+    if local.shape[0] != min(per, n - start):
+        raise RuntimeError(f"unexpected FSDP2 shard: {local.shape[0]} of {n} rows on process {d.rank} of {d.world}")
+    return local, slice(start, start + local.shape[0])
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from phi4rv.data.packing import Batch
+from phi4rv.model.decoder import LMHead
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.tokens import IGNORE_INDEX, IMAGE_TOKEN_ID
 from phi4rv.train.config import TrainConfig
@@ -111,10 +112,10 @@ def scored_loss(model: Phi4RV, inputs: dict, targets: torch.Tensor, chunk: int =
     scored = targets != IGNORE_INDEX
     targets = targets[scored]
     head = model.decoder.lm_head
-    if chunk and type(head) is torch.nn.Linear and head.bias is None:
+    if chunk and isinstance(head, LMHead) and head.bias is None:
         hidden = model(**inputs, logits_at=scored, always_run_vision=always_run_vision, hidden_only=True)
-        # after the forward, FSDP2 leaves the root's parameters (the LM head among them) unsharded
-        return chunked_cross_entropy(hidden, head.weight, targets, chunk)
+        # inside the head's forward: under FSDP2 the head is its own unit, gathered around this call
+        return head(hidden, apply=lambda h, w: chunked_cross_entropy(h, w, targets, chunk))
     logits = model(**inputs, logits_at=scored, always_run_vision=always_run_vision).float()  # [N, V]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum()

@@ -9,9 +9,9 @@ arithmetic over how the loop runs (train.loop, train.distributed, train.loss):
   scale and a zero per group of 128 in the compute dtype), whole on every process (FSDP2 shards
   parameters, not buffers); the backward rebuilds one block of a weight at a time (<= 32 MB).
 - gathered: with N > 1 a unit's parameters are all-gathered (in the bf16 compute dtype under
-  `precision: bfloat16`) while it runs: the root (LM head, projector, vision embeddings) for the
-  whole step, plus the two largest other units (layers, token embeddings: the running one and
-  the prefetched one), plus one flat all-gather buffer of the largest unit (FSDP2 gathers into it,
+  `precision: bfloat16`) while it runs: the root (projector, vision embeddings, norms) for the
+  whole step, plus the two largest other units (layers, token embeddings, LM head: the running one
+  and the prefetched one), plus one flat all-gather buffer of the largest unit (FSDP2 gathers into it,
   then copies out). With
   one process under bf16 autocast: the bf16 copies of float32 weights that matmuls keep for the
   backward.
@@ -105,7 +105,7 @@ def _meta_model(mc: Phi4RVConfig, cfg: TrainConfig, lora: bool):
 
 
 def _unit(name: str) -> str:
-    m = re.match(r"(decoder\.layers\.\d+|vision\.encoder\.layers\.\d+|decoder\.embed_tokens)\.", name)
+    m = re.match(r"(decoder\.layers\.\d+|vision\.encoder\.layers\.\d+|decoder\.embed_tokens|decoder\.lm_head)\.", name)
     return m.group(1) if m else "root"
 
 
