@@ -128,6 +128,18 @@ def test_memory_plan_error_is_plan_over_measured(tmp_path):
     assert row["error"] == pytest.approx(row["plan_gib"] / row["measured_gib"] - 1, abs=1e-2)
 
 
+def test_scale_trains_qlora_on_a_checkpoint_and_saves_the_adapters(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "scale.py"), "--tiny", "--steps", "2", "--threads", "1",
+                           "--json", str(out)], env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fig = json.loads(out.read_text())
+    assert [s["step"] for s in fig["steps"]] == [1, 2] and all(s["perf/step_s"] > 0 for s in fig["steps"])
+    assert fig["adapters_bytes"] > 0 and 0 < fig["loop_peak_gib"] <= fig["run_peak_gib"]
+    assert fig["decoder_layers"] == 2 and fig["plan_gib"] > 0
+
+
 def test_big_model_runs_end_to_end_at_the_tiny_preset(tmp_path):
     out = tmp_path / "big.json"
     proc = subprocess.run([sys.executable, str(BENCH / "big_model.py"), "--tiny", "--dir", str(tmp_path / "ckpt"),
