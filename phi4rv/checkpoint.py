@@ -103,7 +103,6 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # works on 1024 rows at a time (stored, fp32 and int32 temporaries: ~1024 * 17920 * 20 bytes = 367 MB
 # at the 15B's widths, for down_proj).
 LOAD_ALLOWANCE_BYTES = 400 * 2**20
-INIT_STD = 0.02  # random init: normal(0, INIT_STD) matrices and embeddings
 
 
 @dataclass
@@ -403,7 +402,7 @@ def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     """The values `Phi4RV.init_weights` gives this parameter, drawn into `t` in place."""
     if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
         return t.normal_(0.0, std, generator=gen)
@@ -455,7 +454,7 @@ def write_streamed_weights(path: str | Path | None, specs: list[tuple[str, torch
 
 
 def write_random_weights(
-    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = INIT_STD, max_shard_bytes: int = 5 * 2**30
+    model: Phi4RV, path: str | Path, dtype: torch.dtype, seed: int = 0, std: float = 0.02, max_shard_bytes: int = 5 * 2**30
 ) -> None:
     """Random weights for a (meta-device) model, drawn tensor by tensor into `save_weights`' layout
     (`write_streamed_weights`: peak memory is the largest tensor, the 15B's embedding, never the model)."""
@@ -465,7 +464,7 @@ def write_random_weights(
     def drawn():
         for name, p in params:
             module_name, _, leaf = name.rpartition(".")
-            yield random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
+            yield _random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
 
     specs = [(to_release_name(name), p.shape, dtype) for name, p in params]
     write_streamed_weights(path, specs, drawn(), max_shard_bytes)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from phi4rv.checkpoint import DTYPES, INIT_STD, StoredRows, load_model, random_fill, stored_parameters
+from phi4rv.checkpoint import DTYPES, StoredRows, load_model, stored_parameters
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
+from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.quant import quantize_modules
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
@@ -76,7 +77,10 @@ def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: 
         model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc, quantize=quantize,
                            quantize_lm_head=False, device=device if quantize else "cpu")
     else:
-        model = init_in_dtype(mc, dtype, cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = Phi4RV(mc) if dtype == torch.float32 else init_in_dtype(mc, dtype)
+        if dtype == torch.float32:
+            model.init_weights()
         if quantize:
             quantize_modules(model.to(device), quantize, dtype, lm_head=False)
     prepare_for_stage(cfg, stage, model)
@@ -96,54 +100,57 @@ def prepare_for_stage(cfg: TrainConfig, stage: StageConfig, model: Phi4RV) -> li
     return adapters
 
 
-def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype, seed: int) -> Phi4RV:
-    """A randomly initialised model (`checkpoint.random_fill`'s values: those of `phi4rv init`
-    with the same seed), built on the meta device and drawn tensor by tensor in `dtype`, so that no
-    float32 copy ever exists (at the 15B's widths the embeddings and LM head alone are 4 GB in
-    float32)."""
+def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
+    """A randomly initialised model (Phi4RV.init_weights' rules, drawn in `dtype`), built on the
+    meta device and filled module by module, so that no float32 copy ever exists (at the 15B's
+    widths the embeddings and LM head alone are 4 GB in float32)."""
     with torch.device("meta"):
         model = Phi4RV(mc)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in list(model.named_parameters()):
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        values = random_fill(module, leaf, torch.empty(p.shape, dtype=dtype), INIT_STD, gen)
-        module.register_parameter(leaf, torch.nn.Parameter(values, requires_grad=p.requires_grad))
+    for m in model.modules():
+        if not list(m.parameters(recurse=False)):
+            continue
+        for name, p in list(m.named_parameters(recurse=False)):
+            m.register_parameter(name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad))
+        with torch.no_grad():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, torch.nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+            else:
+                raise TypeError(f"no init rule for {type(m).__name__}")
     return model
 
 
-def build_sharded_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
-                        d: Dist) -> Phi4RV:
-    """Under torchrun: the model built on the meta device, sharded with FSDP2, then each process
-    fills only its own rows of each parameter, read from the checkpoint's shards (positioned reads
-    of those rows, converted to the training dtype) or drawn as `init_in_dtype` draws them. No
-    process ever holds the whole model; every world size starts from the same values as one
-    process does (LoRA's A matrices included)."""
+def build_sharded_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, path: Path, d: Dist) -> Phi4RV:
+    """Under torchrun, from a checkpoint: the model built on the meta device, sharded with FSDP2,
+    then each process fills only its own rows of each parameter from the checkpoint's shards
+    (positioned reads of those rows, converted to the training dtype). No process ever holds the
+    whole model; every world size starts from the same values as one process does (LoRA's A
+    matrices included)."""
     dtype = DTYPES[cfg.model.dtype]
     with torch.device("meta"):
         model = Phi4RV(mc).to(dtype)
-    path = source or cfg.model.checkpoint
-    stored = stored_parameters(Path(path), model) if path else None
-    base = [(name, model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
-            for name, _ in model.named_parameters()]
+    stored = stored_parameters(Path(path), model)
+    names = [name for name, _ in model.named_parameters()]
     adapters = prepare_for_stage(cfg, stage, model)
     shard_model(model, d, torch.bfloat16 if cfg.precision == "bfloat16" else None)
     model.to_empty(device=d.device)
     params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(cfg.seed)
     fds: dict[Path, int] = {}
     try:
         with torch.no_grad():
-            for name, module, leaf in base:
+            for name in names:
                 local, rows = local_rows(params[name], d)
-                if stored is not None:
-                    st = stored[name]
-                    fd = fds.setdefault(st.file, os.open(st.file, os.O_RDONLY))
-                    local.copy_(StoredRows(st, fd)[rows])
-                else:
-                    full = random_fill(module, leaf, torch.empty(params[name].shape, dtype=dtype), INIT_STD, gen)
-                    local.copy_(full[rows])
-            torch.manual_seed(cfg.seed)  # the adapters' draws, in apply_lora's order
+                st = stored[name]
+                fd = fds.setdefault(st.file, os.open(st.file, os.O_RDONLY))
+                local.copy_(StoredRows(st, fd)[rows])
+            if adapters:
+                torch.manual_seed(cfg.seed)  # the adapters' draws, in apply_lora's order
             for name in adapters:
                 adapter = model.get_submodule(name)
                 a = torch.empty(adapter.lora_A.shape)
@@ -160,9 +167,11 @@ def build_sharded_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, 
 def build_trainer(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: Path | None,
                   d: Dist) -> tuple[Phi4RV, torch.optim.Optimizer]:
     """The stage's model on this process's device (sharded across processes) and its optimizer.
-    A quantized base (QLoRA) is replicated, not sharded: it is built whole on every process."""
-    if d.enabled and not cfg.model.quantize:
-        model = build_sharded_model(cfg, stage, mc, source, d)
+    From a preset (random weights) or with a quantized base (QLoRA: replicated, not sharded) every
+    process builds the model whole first, as one process does."""
+    path = source or cfg.model.checkpoint
+    if d.enabled and path and not cfg.model.quantize:
+        model = build_sharded_model(cfg, stage, mc, Path(path), d)
     else:
         model = build_model(cfg, stage, mc, source, d.device).to(d.device)
         if d.enabled:
