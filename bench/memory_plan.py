@@ -3,7 +3,9 @@
 For each world size: `phi4rv train` (under torchrun when world > 1) runs `--steps` optimizer steps
 of a model with the 15B's widths and vocabulary (hidden 5120, intermediate 17920, 40/10 heads,
 vocab 100352, SigLIP-2 so400m widths) but `--layers` decoder layers and `--vision-layers` vision
-layers, on text-only samples (Phi-4's tokenizer, built offline). The loop reports every process's
+layers, on text-only samples (Phi-4's tokenizer, built offline), starting from a random bf16
+checkpoint of that model written first (as the 15B starts from the release: under torchrun each
+process builds the model on the meta device and reads only its own rows). The loop reports every process's
 peak resident set (ru_maxrss) after the last step; the run is stopped there (the end-of-stage export
 is not part of the measurement). The plan (`phi4rv train CONFIG --plan --world N --plan-device cpu`)
 is computed for the same config, with no image patches.
@@ -42,15 +44,19 @@ TRAIN = {"lora": {"lora": 1e-4}, "full": {"vision": 1e-5, "projector": 1e-5, "de
          "decoder": {"decoder": 1e-5}, "projector": {"projector": 1e-4}}
 
 
-def config(args, run_dir: Path, data: Path) -> dict:
+def config(args, run_dir: Path, data: Path, checkpoint: Path | None = None) -> dict:
+    """The training config; with `checkpoint` the model starts from it (as training the 15B does:
+    under torchrun each process then reads only its own rows), else from the preset."""
     overrides = {"decoder.num_hidden_layers": args.layers, "vision.num_hidden_layers": args.vision_layers}
     if args.tiny:
         overrides.update({"decoder.hidden_size": 256, "decoder.intermediate_size": 512, "decoder.num_attention_heads": 4,
                           "decoder.num_key_value_heads": 2, "vision.hidden_size": 64, "vision.intermediate_size": 128,
                           "vision.num_attention_heads": 2})
+    model = ({"checkpoint": str(checkpoint), "tokenizer": "phi4", "dtype": args.model_dtype} if checkpoint else
+             {"preset": "phi4rv-15b", "tokenizer": "phi4", "dtype": args.model_dtype, "overrides": overrides})
     return {
         "run_dir": str(run_dir),
-        "model": {"preset": "phi4rv-15b", "tokenizer": "phi4", "dtype": args.model_dtype, "overrides": overrides},
+        "model": model,
         "precision": args.precision,
         "activation_checkpointing": args.checkpointing,
         "loss_chunk_tokens": args.chunk,
@@ -60,9 +66,19 @@ def config(args, run_dir: Path, data: Path) -> dict:
     }
 
 
-def measure(args, world: int, work: Path) -> list[float]:
+def write_checkpoint(args, work: Path) -> Path:
+    """The preset's model (15B widths, reduced depth) as a random bf16 checkpoint in the release layout."""
+    from phi4rv.checkpoint import init_checkpoint
+    from phi4rv.train.setup import load_tokenizer, model_config
+
+    cfg = load_config(None, base=config(args, work / "unused", work / "data.jsonl"))
+    mc = model_config(cfg, None, load_tokenizer(cfg))
+    return init_checkpoint(mc, work / "ckpt", torch.bfloat16, seed=0)
+
+
+def measure(args, world: int, work: Path, checkpoint: Path) -> list[float]:
     cfg_path = work / f"w{world}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config(args, work / f"run{world}", work / "data.jsonl"), sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump(config(args, work / f"run{world}", work / "data.jsonl", checkpoint), sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if world == 1:
         cmd = [sys.executable, "-m", "phi4rv", "train", str(cfg_path)]
@@ -106,16 +122,17 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         rng = random.Random(0)
         write_jsonl([add_sample(rng, f"a{i}") for i in range(args.samples)], work / "data.jsonl")
+        checkpoint = write_checkpoint(args, work)
         rows, results = [], []
         for world in worlds:
             tokens_per_step = args.batch_tokens * world
-            cfg = load_config(None, base=config(args, work / "plan", work / "data.jsonl"))
+            cfg = load_config(None, base=config(args, work / "plan", work / "data.jsonl", checkpoint))
             cfg.stages["s"].data.tokens_per_step = tokens_per_step
             from phi4rv.train.setup import load_tokenizer, model_config
 
             mc = model_config(cfg, None, load_tokenizer(cfg))
             plan = plan_memory(cfg, "s", mc, world, "cpu", image_fraction=0.0)
-            peaks = measure(args, world, work)
+            peaks = measure(args, world, work, checkpoint)
             for rank, peak in enumerate(peaks):
                 err = plan.total / GiB / peak - 1
                 rows.append([world, rank, plan.total / GiB, peak, f"{100 * err:+.1f}%"])
