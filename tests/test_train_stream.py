@@ -29,7 +29,7 @@ from phi4rv.train.config import ConfigError, DataConfig, DatasetConfig, load_con
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
 from phi4rv.train.stream import DataStream
-from phi4rv.train.toy import add_sample, colour_sample, long_sample, toy_config, toy_samples, write_toy
+from phi4rv.train.toy import add_sample, toy_config, toy_samples, write_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,9 +20,6 @@ from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
 from phi4rv.train.config import ConfigError, DatasetConfig, StageConfig, TrainConfig
 from phi4rv.train.distributed import Dist, say
-
-if TYPE_CHECKING:
-    from phi4rv.train.stream import DataStream
 
 MicroBatch = list[list[tuple[int, int]]]  # rows -> (source, sample)
 
@@ -140,7 +136,7 @@ class StageData:
     plan: StagePlan
     eval: EvalSet | None
     pad_id: int
-    stream: DataStream | None = None  # a streamed stage's data (`sources` and `plan.micro` are then empty)
+    stream: object | None = None  # a streamed stage's `train.stream.DataStream` (`sources`, `plan.micro` then empty)
 
     def per_rank(self, d: Dist) -> int:
         """Micro-batches each process runs per optimizer step."""
