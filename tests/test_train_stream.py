@@ -29,7 +29,7 @@ from phi4rv.train.config import ConfigError, DataConfig, DatasetConfig, load_con
 from phi4rv.train.loop import run
 from phi4rv.train.metrics import read_metrics
 from phi4rv.train.stream import DataStream
-from phi4rv.train.toy import add_sample, toy_config, toy_samples, write_toy
+from phi4rv.train.toy import add_sample, colour_sample, toy_config, toy_samples, write_toy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,6 +139,26 @@ def test_stream_resumes_exactly_from_its_saved_state(toy, encoder):
     b.restore(state)
     assert [ids(b.next_micro_batch()) for _ in range(30)] == rest
     assert [ids(DataStream(specs, encoder, data, seed=8).next_micro_batch()) for _ in range(9)] != first  # seeded
+
+
+def test_unusable_samples_are_skipped_and_counted_on_every_pass(toy, encoder, tmp_path):
+    rng = random.Random(0)
+    samples = [colour_sample(rng, f"c{i}") for i in range(6)]
+    samples[1].images = [str(tmp_path / "gone.png")]
+    samples[4].messages[1]["content"] = "red " * 100  # longer than max_len
+    write_jsonl(samples, tmp_path / "d.jsonl", tmp_path / "images")
+    data = DataConfig(max_len=192, batch_tokens=192, shuffle=False)  # one sample per micro-batch
+    stream = DataStream([DatasetConfig(str(tmp_path / "d.jsonl"))], encoder, data, seed=0)
+    got = [ids(stream.next_micro_batch())[0][0] for _ in range(7)]
+    assert got == ["c0", "c2", "c3", "c5", "c0", "c2", "c3"]
+    assert stream.skipped == {"missing_image": 2, "too_long": 2}
+
+    cfg = toy_config(tmp_path / "run", toy, steps=3)
+    cfg["stages"]["toy"]["data"].update(datasets=[{"path": str(tmp_path / "d.jsonl")}], streaming=True, shuffle=False,
+                                        batch_tokens=192)
+    run(load_config(None, base=cfg))
+    counters = json.loads((tmp_path / "run" / "toy" / "step-00000003" / "trainer" / "state.json").read_text())["counters"]
+    assert counters["samples"] == 3 and counters["skipped_missing_image"] == 1 and counters["skipped_too_long"] == 1
 
 
 # ---- training ----------------------------------------------------------------------------------
