@@ -176,9 +176,17 @@ def streamed_config(run_dir: Path, toy: Path, steps: int, **data) -> dict:
     return cfg
 
 
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
 def test_sigkill_then_resume_of_a_streamed_stage_reproduces_the_run(toy, tmp_path, capsys):
     """An uninterrupted streamed run against one killed after its step-6 checkpoint and resumed
-    (with 2 loader workers: they change nothing): the same losses, step by step, and weights."""
+    (with 2 loader workers: they change nothing, and exit with the killed trainer): the same losses,
+    step by step, and weights."""
     ref = tmp_path / "ref"
     cfg = streamed_config(ref, toy, steps=12)
     cfg["checkpoint"] = {"every": 3, "keep": 10}
@@ -190,15 +198,24 @@ def test_sigkill_then_resume_of_a_streamed_stage_reproduces_the_run(toy, tmp_pat
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "phi4rv", "train", str(tmp_path / "c.yaml")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = tmp_path / "run" / "toy" / "step-00000006" / "trainer" / "state.json"
     deadline = time.time() + 120
     while not target.exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its loader workers
+    workers = [int(c) for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGKILL)  # the trainer only: its loader workers must not outlive it
     proc.wait()
+    deadline = time.time() + 30
+    while any(running(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    leftover = [w for w in workers if running(w)]
+    for w in leftover:
+        os.kill(w, signal.SIGKILL)
+    assert not leftover, "loader workers outlived the killed trainer"
     assert not (tmp_path / "run" / "toy" / "final").exists(), "the run finished before it was killed"
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     assert "resuming from" in capsys.readouterr().err

@@ -21,13 +21,17 @@ position of the last sample read, and the shuffle buffer and the open micro-batc
 position, length) entries whose samples a resume re-reads (`StreamReader.read_at`).
 
 With `num_workers`, the stream stays in the main process and a pool of worker processes loads
-pixels and collates the planned micro-batches, at most 2 x num_workers ahead, in order.
+pixels and collates the planned micro-batches, at most 2 x num_workers ahead, in order; a worker
+exits when the trainer is gone (a SIGKILL leaves no orphans).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -208,6 +212,14 @@ _worker: tuple[SampleEncoder, int] | None = None
 def _init_worker(encoder: SampleEncoder, pad_id: int) -> None:
     global _worker
     _worker = (encoder, pad_id)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A killed trainer (SIGKILL) cannot stop its pool: its workers stop themselves."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 def _load_in_worker(rows: list[list[Sample]], skipped: dict) -> Batch:
