@@ -71,20 +71,20 @@ class DataStream:
         self.usable_in_pass = [0] * k
         self.skipped: Counter = Counter()
         self.buffer: list[Item] = []
-        self._readers: list[Iterator | None] = [None] * k
+        self._open: list[Iterator | None] = [None] * k
 
     def _next(self, k: int) -> Item:
         """Dataset k's next usable sample, starting another pass at the end of one."""
         while True:
-            if self._readers[k] is None:
-                self._readers[k] = self.readers[k].read(self.last[k])
+            if self._open[k] is None:
+                self._open[k] = self.readers[k].read(self.last[k])
             try:
-                pos, sample = next(self._readers[k])
+                pos, sample = next(self._open[k])
             except StopIteration:
                 if not self.usable_in_pass[k]:
                     raise ConfigError(f"{self.readers[k].path}: no usable sample in the whole dataset "
                                       f"(skipped: {dict(self.skipped) or 'none'})") from None
-                self._readers[k], self.last[k] = None, None
+                self._open[k], self.last[k] = None, None
                 self.passes[k] += 1
                 self.usable_in_pass[k] = 0
                 continue
@@ -134,7 +134,7 @@ class DataStream:
         self.passes, self.usable_in_pass = list(state["passes"]), list(state["usable_in_pass"])
         self.last = [None if p is None else tuple(p) for p in state["last"]]
         self.skipped = Counter(state["skipped"])
-        self._readers = [None] * len(self.readers)
+        self._open = [None] * len(self.readers)
         rows = state["open_micro_batch"]
         items = self._reread(state["buffer"] + [e for row in rows for e in row])
         self.buffer = items[: len(state["buffer"])]
