@@ -238,3 +238,46 @@ def test_two_processes_fill_their_shards_from_a_bf16_checkpoint_as_one_process_l
     assert any(not torch.equal(a[k], stored[k].float()) for k in a)  # the adapters were merged in
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+@needs_torchrun
+def test_two_processes_streaming_match_one_process(tmp_path):
+    """A streamed stage (two datasets, a shuffle buffer, loader workers) under torchrun: each process
+    runs the same stream and loads its own micro-batches, so two processes match one step for step,
+    and the two processes' checkpoint resumes in one process to the same steps."""
+    toy = write_toy(tmp_path / "toy", n_train=48, n_test=8)
+    cfgs = {}
+    for name in ("one", "two"):
+        cfg = toy_config(tmp_path / name, toy, steps=4)
+        cfg["stages"]["toy"]["data"].update(
+            datasets=[{"path": str(toy / "train.jsonl"), "weight": 2}, {"path": str(toy / "long.jsonl")}],
+            tokens_per_step=2 * 768, streaming=True, shuffle_buffer=16, num_workers=1)
+        cfg["checkpoint"] = {"every": 2, "keep": 5, "step_weights": False}
+        cfgs[name] = cfg
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfgs["two"]))
+    out = torchrun(tmp_path / "two.yaml")
+    assert "streamed), 2 process(es), 1 micro-batch(es) per process per step" in out
+    run_one_process(cfgs["one"])
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "toy" / "step-00000004")
+    shutil.rmtree(tmp_path / "resumed" / "toy" / "final")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--resume", str(tmp_path / "resumed")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    one = read_metrics(tmp_path / "one" / "toy" / "metrics.jsonl")
+    train = lambda rs: [(r["step"], r["train/loss"], r["data/targets"]) for r in rs if "train/loss" in r]  # noqa: E731
+    assert [s for s, _, _ in train(one)] == [1, 2, 3, 4]
+    a = load_model(tmp_path / "one" / "toy" / "final").state_dict()
+    for other in ("two", "resumed"):
+        steps = train(read_metrics(tmp_path / other / "toy" / "metrics.jsonl"))
+        assert len(steps) == 4, other
+        for (s1, l1, n1), (s2, l2, n2) in zip(train(one), steps):
+            assert s1 == s2 and n1 == n2, other  # the same global batch
+            assert l1 == pytest.approx(l2, rel=1e-6, abs=1e-7), (other, s1)
+        b = load_model(tmp_path / other / "toy" / "final").state_dict()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), (other, k)

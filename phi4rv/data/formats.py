@@ -12,6 +12,8 @@ plus the images those tags refer to, in order. Readers accept:
 
 A reasoning answer is `<think>…</think> answer`; a direct answer starts with NOTHINK_TOKEN
 (`mode_of` tells which). Images are kept as paths or bytes and decoded only when used.
+`read_samples` reads a dataset whole; `StreamReader` reads .jsonl / Parquet incrementally with
+resumable positions (streamed training).
 """
 
 from __future__ import annotations
@@ -128,12 +130,29 @@ def _from_openai(rec: dict, root: Path, idx: int) -> Sample:
     return Sample(str(rec.get("id", idx)), messages, images, meta)
 
 
+def _parquet_sample(row: dict) -> Sample:
+    return Sample(row["id"], json.loads(row["messages"]), list(row["images"] or []), json.loads(row["meta"] or "{}"))
+
+
 def read_parquet(path: Path) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     for row in table.to_pylist():
-        yield Sample(row["id"], json.loads(row["messages"]), list(row["images"] or []), json.loads(row["meta"] or "{}"))
+        yield _parquet_sample(row)
+
+
+def _to_sample(rec: Any, path: Path, root: Path, i: int) -> Sample:
+    if not isinstance(rec, dict):
+        raise DatasetFormatError(f"{path}: sample {i} is not an object")
+    try:
+        if "conversations" in rec:
+            return _from_llava(rec, root, i)
+        if "messages" in rec:
+            return _from_openai(rec, root, i)
+        raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} has neither 'conversations' nor 'messages'")
+    except KeyError as e:
+        raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} lacks field {e.args[0]!r}") from None
 
 
 def read_samples(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Iterator[Sample]:
@@ -155,17 +174,98 @@ def read_samples(path: str | os.PathLike, image_root: str | os.PathLike | None =
         raise DatasetFormatError(f"{path}: unsupported dataset format (use .json, .jsonl or .parquet)")
     root = Path(image_root) if image_root else path.parent
     for i, rec in enumerate(_records(path)):
-        if not isinstance(rec, dict):
-            raise DatasetFormatError(f"{path}: sample {i} is not an object")
+        yield _to_sample(rec, path, root, i)
+
+
+Position = tuple[int, int, int]  # JSON lines: (0, byte offset of the line, record index); Parquet: (shard, row group, row)
+
+
+class StreamReader:
+    """One dataset read incrementally, each sample with its `Position`: a JSON-lines file a line at a
+    time, Parquet one row group at a time, so memory does not grow with the dataset. `read(after=p)`
+    continues just after the sample at p (an exact resume); `read_at` re-reads samples by position.
+    A .json file (one JSON array) cannot be read incrementally: convert it to .jsonl."""
+
+    def __init__(self, path: str | os.PathLike, image_root: str | os.PathLike | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"dataset not found: {self.path}")
+        self.root = Path(image_root) if image_root else self.path.parent
+        if self.path.is_dir():
+            self.files = sorted(self.path.glob("*.parquet"))
+            if not self.files:
+                raise DatasetFormatError(f"{self.path}: no .parquet shards")
+        elif self.path.suffix in (".parquet", ".jsonl"):
+            self.files = [self.path]
+        elif self.path.suffix == ".json":
+            raise DatasetFormatError(f"{self.path}: a .json array cannot be streamed; write it as JSON lines (.jsonl, one sample per line)")
+        else:
+            raise DatasetFormatError(f"{self.path}: unsupported dataset format (use .jsonl or .parquet)")
+        self.parquet = self.files[0].suffix == ".parquet"
+
+    def read(self, after: Position | None = None) -> Iterator[tuple[Position, Sample]]:
+        """Every sample from the start (or from just after `after`) to the end of the dataset."""
+        if self.parquet:
+            yield from self._read_parquet(after)
+        else:
+            yield from self._read_lines(after)
+
+    def _read_lines(self, after: Position | None) -> Iterator[tuple[Position, Sample]]:
+        with open(self.path, "rb") as f:
+            index = 0
+            if after is not None:
+                f.seek(after[1])
+                f.readline()
+                index = after[2] + 1
+            while True:
+                offset = f.tell()
+                line = f.readline()
+                if not line:
+                    return
+                if line.strip():
+                    yield (0, offset, index), self._line_sample(line, offset, index)
+                    index += 1
+
+    def _line_sample(self, line: bytes, offset: int, index: int) -> Sample:
         try:
-            if "conversations" in rec:
-                yield _from_llava(rec, root, i)
-            elif "messages" in rec:
-                yield _from_openai(rec, root, i)
-            else:
-                raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} has neither 'conversations' nor 'messages'")
-        except KeyError as e:
-            raise DatasetFormatError(f"{path}: sample {rec.get('id', i)} lacks field {e.args[0]!r}") from None
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{self.path}: record {index} (byte {offset}): invalid JSON ({e.msg})") from None
+        return _to_sample(rec, self.path, self.root, index)
+
+    def _row_group(self, shard: int, group: int) -> list[dict]:
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(self.files[shard]) as f:
+            return f.read_row_group(group).to_pylist()
+
+    def _read_parquet(self, after: Position | None) -> Iterator[tuple[Position, Sample]]:
+        import pyarrow.parquet as pq
+
+        shard, group, row = (0, 0, 0) if after is None else (after[0], after[1], after[2] + 1)
+        for s in range(shard, len(self.files)):
+            with pq.ParquetFile(self.files[s]) as f:
+                groups = f.num_row_groups
+            for g in range(group if s == shard else 0, groups):
+                rows = self._row_group(s, g)
+                for r in range(row if (s, g) == (shard, group) else 0, len(rows)):
+                    yield (s, g, r), _parquet_sample(rows[r])
+                del rows
+
+    def read_at(self, positions: list[Position]) -> list[Sample]:
+        """The samples at `positions` (each Parquet row group read once)."""
+        if not self.parquet:
+            with open(self.path, "rb") as f:
+                out = []
+                for pos in positions:
+                    f.seek(pos[1])
+                    out.append(self._line_sample(f.readline(), pos[1], pos[2]))
+                return out
+        groups: dict[tuple[int, int], list[dict]] = {}
+        for shard, group, _ in positions:
+            if (shard, group) not in groups:
+                groups[shard, group] = self._row_group(shard, group)
+        return [_parquet_sample(groups[s, g][r]) for s, g, r in positions]
 
 
 # ---- writers ---------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Token-budget batching: packed rows (several samples per row, block-causal) or one padded sample per row.
 
 A micro-batch is a list of rows; a row is a list of samples. Planning works on lengths only, so the
-whole epoch's plan is known before training (step counts, exact resume by micro-batch index).
+whole epoch's plan is known before training (step counts, exact resume by micro-batch index);
+`RowPacker` / `RowPadder` apply the same rules one sample at a time (streamed data, `train.stream`).
 
 Packed: rows of at most `row_len` tokens, `batch_tokens // row_len` rows per micro-batch, samples
 placed in order, each into the first open row with room (first fit). In a row every sample keeps
@@ -26,45 +27,61 @@ Plan = list[list[list[int]]]  # micro-batch -> row -> positions in the caller's 
 
 
 def pack_plan(lengths: Sequence[int], row_len: int, batch_tokens: int) -> Plan:
-    rows = batch_tokens // row_len
-    if rows < 1:
-        raise ValueError(f"batch_tokens ({batch_tokens}) must be at least the row length ({row_len})")
-    plan: Plan = []
-    batch: list[list[int]] = []
-    room: list[int] = []
-    for i, n in enumerate(lengths):
-        if n > row_len:
-            raise ValueError(f"sample {i} has {n} tokens, more than the row length {row_len}")
-        r = next((r for r, free in enumerate(room) if free >= n), None)
-        if r is None:
-            if len(batch) == rows:
-                plan.append(batch)
-                batch, room = [], []
-            batch.append([])
-            room.append(row_len)
-            r = len(batch) - 1
-        batch[r].append(i)
-        room[r] -= n
-    if batch:
-        plan.append(batch)
-    return plan
+    packer = RowPacker(row_len, batch_tokens)
+    plan: Plan = [mb for i, n in enumerate(lengths) if (mb := packer.add(i, n)) is not None]
+    return plan + ([packer.rows] if packer.rows else [])
 
 
 def pad_plan(lengths: Sequence[int], batch_tokens: int) -> Plan:
-    plan: Plan = []
-    batch: list[list[int]] = []
-    longest = 0
-    for i, n in enumerate(lengths):
-        if n > batch_tokens:
-            raise ValueError(f"sample {i} has {n} tokens, more than batch_tokens {batch_tokens}")
-        if batch and (len(batch) + 1) * max(longest, n) > batch_tokens:
-            plan.append(batch)
-            batch, longest = [], 0
-        batch.append([i])
-        longest = max(longest, n)
-    if batch:
-        plan.append(batch)
-    return plan
+    padder = RowPadder(batch_tokens)
+    plan: Plan = [mb for i, n in enumerate(lengths) if (mb := padder.add(i, n)) is not None]
+    return plan + ([padder.rows] if padder.rows else [])
+
+
+class RowPacker:
+    """`pack_plan` one sample at a time: `add` returns the micro-batch it completes, if any, so a
+    stream of samples packs exactly as the whole list would. `rows` / `room` are the open micro-batch."""
+
+    def __init__(self, row_len: int, batch_tokens: int):
+        self.row_len, self.max_rows = row_len, batch_tokens // row_len
+        if self.max_rows < 1:
+            raise ValueError(f"batch_tokens ({batch_tokens}) must be at least the row length ({row_len})")
+        self.rows: list[list] = []
+        self.room: list[int] = []
+
+    def add(self, item, n: int) -> list[list] | None:
+        if n > self.row_len:
+            raise ValueError(f"sample {item} has {n} tokens, more than the row length {self.row_len}")
+        done = None
+        r = next((r for r, free in enumerate(self.room) if free >= n), None)
+        if r is None:
+            if len(self.rows) == self.max_rows:
+                done, self.rows, self.room = self.rows, [], []
+            self.rows.append([])
+            self.room.append(self.row_len)
+            r = len(self.rows) - 1
+        self.rows[r].append(item)
+        self.room[r] -= n
+        return done
+
+
+class RowPadder:
+    """`pad_plan` one sample at a time (see `RowPacker`); `longest` is the open micro-batch's longest sample."""
+
+    def __init__(self, batch_tokens: int):
+        self.batch_tokens = batch_tokens
+        self.rows: list[list] = []
+        self.longest = 0
+
+    def add(self, item, n: int) -> list[list] | None:
+        if n > self.batch_tokens:
+            raise ValueError(f"sample {item} has {n} tokens, more than batch_tokens {self.batch_tokens}")
+        done = None
+        if self.rows and (len(self.rows) + 1) * max(self.longest, n) > self.batch_tokens:
+            done, self.rows, self.longest = self.rows, [], 0
+        self.rows.append([item])
+        self.longest = max(self.longest, n)
+        return done
 
 
 @dataclass

@@ -2,7 +2,7 @@
 (packed or padded, a pure function of lengths and seed), and the micro-batches loaded in order.
 
 A global micro-batch index is the whole data position, so resuming at step s replays nothing and
-changes nothing.
+changes nothing. (`data.streaming` stages read their data as they go instead: train.stream.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from phi4rv.data.dataset import Example, SampleEncoder, SkipSample, Source, mixture_order, sample_mode
-from phi4rv.data.formats import read_samples
+from phi4rv.data.formats import Sample, read_samples
 from phi4rv.data.packing import Batch, Plan, collate, pack_plan, pad_plan
 from phi4rv.processing.image import ImageProcessorConfig
 from phi4rv.processing.tokenizer import Tokenizer
@@ -65,13 +65,20 @@ class StagePlan:
     epochs: int
 
 
-def plan_stage(stage: StageConfig, sources: list[Source], seed: int, world: int) -> StagePlan:
+def micro_per_step(stage: StageConfig, world: int) -> int:
+    """Micro-batches per optimizer step, all processes."""
     d = stage.data
     per_step = (d.tokens_per_step or d.batch_tokens * world) // d.batch_tokens
     if per_step % world:
         raise ConfigError(
             f"tokens_per_step ({d.tokens_per_step}) must be a multiple of batch_tokens x processes ({d.batch_tokens} x {world})"
         )
+    return per_step
+
+
+def plan_stage(stage: StageConfig, sources: list[Source], seed: int, world: int) -> StagePlan:
+    d = stage.data
+    per_step = micro_per_step(stage, world)
     micro: list = []
     epoch = 0
     while True:
@@ -112,6 +119,16 @@ def plan_eval(cfg: TrainConfig, stage: StageConfig, encoder: SampleEncoder, d: D
     return EvalSet(sources, micro, pairs)
 
 
+def eval_data(cfg: TrainConfig, stage: StageConfig, encoder: SampleEncoder, d: Dist) -> EvalSet | None:
+    """`plan_eval`, saying what it found."""
+    ev = plan_eval(cfg, stage, encoder, d)
+    if ev is not None:
+        say(d, describe(ev.sources, "eval data"))
+        if cfg.eval.generate and d.enabled:
+            say(d, "note: eval.generate (answer accuracy) runs in single-process runs only; skipped")
+    return ev
+
+
 @dataclass
 class StageData:
     encoder: SampleEncoder
@@ -119,6 +136,7 @@ class StageData:
     plan: StagePlan
     eval: EvalSet | None
     pad_id: int
+    stream: object | None = None  # a streamed stage's `train.stream.DataStream` (`sources`, `plan.micro` then empty)
 
     def per_rank(self, d: Dist) -> int:
         """Micro-batches each process runs per optimizer step."""
@@ -135,11 +153,7 @@ def plan_data(cfg: TrainConfig, name: str, stage: StageConfig, image_cfg: ImageP
     if not any(s.usable for s in sources):
         raise ConfigError(f"stages.{name}: no usable sample in the data")
     plan = plan_stage(stage, sources, cfg.seed, d.world)
-    ev = plan_eval(cfg, stage, encoder, d)
-    if ev is not None:
-        say(d, describe(ev.sources, "eval data"))
-        if cfg.eval.generate and d.enabled:
-            say(d, "note: eval.generate (answer accuracy) runs in single-process runs only; skipped")
+    ev = eval_data(cfg, stage, encoder, d)
     data = StageData(encoder, sources, plan, ev, pad_id)
     say(d, f"plan: {plan.steps} steps x {plan.per_step} micro-batches of <= {stage.data.batch_tokens} tokens "
            f"({'packed' if stage.data.packing else 'padded'}), {plan.epochs} epoch(s), {d.world} process(es), "
@@ -161,16 +175,23 @@ class MicroBatches(Dataset):
         i = self.indices[k]
         if i < 0:  # filler so every process runs the same number of forward passes
             return collate([], self.pad_id)
-        rows, skipped = [], Counter()
-        for row in self.micro[i]:
-            out: list[Example] = []
-            for s, j in row:
-                try:
-                    out.append(self.encoder.load_pixels(self.encoder.encode(self.sources[s].samples[j])))
-                except SkipSample as e:
-                    skipped[e.reason] += 1
-            rows.append(out)
-        return collate(rows, self.pad_id, dict(skipped))
+        rows = [[self.sources[s].samples[j] for s, j in row] for row in self.micro[i]]
+        return load_micro_batch(self.encoder, rows, self.pad_id)
+
+
+def load_micro_batch(encoder: SampleEncoder, rows: list[list[Sample]], pad_id: int, skipped: dict | None = None) -> Batch:
+    """Planned rows of samples, encoded with their pixels and collated; samples that fail to load
+    are dropped and counted (on top of `skipped`)."""
+    counts, out = Counter(skipped or {}), []
+    for row in rows:
+        examples: list[Example] = []
+        for sample in row:
+            try:
+                examples.append(encoder.load_pixels(encoder.encode(sample)))
+            except SkipSample as e:
+                counts[e.reason] += 1
+        out.append(examples)
+    return collate(out, pad_id, dict(counts))
 
 
 def loader(ds: Dataset, workers: int) -> DataLoader:

@@ -11,6 +11,7 @@ any process count, plus (by default) a release-format copy of the weights for `p
                                       each tensor with its offset in the whole one
         trainer/optimizer.json        AdamW's parameter groups (learning rates, betas, ...)
         trainer/rng-rank{r}.json      every process's torch / python / numpy RNG state
+        trainer/data_stream.json      a streamed stage's data position (`train.stream.DataStream.state`)
     <stage dir>/final/                release-format export at the end of the stage
 
 The release-format weights are streamed: tensor by tensor, every process all-gathers one weight
@@ -71,9 +72,9 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     return max(steps)[1] if steps else None
 
 
-def _json_write(path: Path, obj) -> None:
+def _json_write(path: Path, obj, indent: int | None = 1) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     os.replace(tmp, path)
 
 
@@ -136,6 +137,7 @@ def save_training_checkpoint(
     keep: int,
     lora: bool,
     step_weights: bool = True,
+    data_state: dict | None = None,
 ) -> Path:
     """Collective: every process calls it and writes its own shards. Returns the checkpoint folder."""
     import torch.distributed.checkpoint as dcp
@@ -162,6 +164,8 @@ def save_training_checkpoint(
             raise _first_failure(e) from None
     if d.main:
         _json_write(partial / "trainer" / "optimizer.json", rest)
+        if data_state is not None:
+            _json_write(partial / "trainer" / "data_stream.json", data_state, indent=None)
     _json_write(partial / "trainer" / f"rng-rank{d.rank}.json", rng_state())
     d.barrier()
     if d.main:
@@ -178,6 +182,11 @@ def save_training_checkpoint(
 
 def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer" / "state.json").read_text())
+
+
+def read_data_state(ckpt: Path) -> dict | None:
+    path = ckpt / "trainer" / "data_stream.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def load_training_checkpoint(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:

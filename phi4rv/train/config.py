@@ -58,6 +58,8 @@ class DataConfig:
     packing: bool = True
     shuffle: bool = True
     num_workers: int = 0  # background processes preparing micro-batches
+    streaming: bool = False  # read .jsonl / Parquet as training goes (needs max_steps; see README)
+    shuffle_buffer: int = 10000  # streaming: samples held for the seeded shuffle
 
 
 @dataclass
@@ -368,6 +370,17 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{w}.data.tokens_per_step ({d.tokens_per_step}) must be a multiple of batch_tokens ({d.batch_tokens})")
         if d.num_workers < 0:
             raise ConfigError(f"{w}.data.num_workers must be >= 0")
+        if d.streaming:
+            if st.max_steps is None:
+                raise ConfigError(f"{w}.max_steps: a streamed stage (data.streaming) needs max_steps, its data's size being unknown ahead")
+            if d.think_ratio is not None:
+                raise ConfigError(f"{w}.data.think_ratio is not supported with data.streaming (mix datasets by weight instead)")
+            if d.shuffle_buffer < 1:
+                raise ConfigError(f"{w}.data.shuffle_buffer must be >= 1")
+            for i, ds in enumerate(d.datasets):
+                if Path(ds.path).suffix == ".json":
+                    raise ConfigError(f"{w}.data.datasets.{i}.path: a .json array cannot be streamed; "
+                                      "write it as JSON lines (.jsonl) or set data.streaming: false")
     for i, ds in enumerate(cfg.eval.datasets):
         _check_dataset(ds, f"eval.datasets.{i}")
     if cfg.eval.every < 0 or cfg.eval.generate < 0 or cfg.eval.max_new_tokens < 1:

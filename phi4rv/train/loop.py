@@ -40,6 +40,7 @@ from phi4rv.train.loss import autocast, loss_terms
 from phi4rv.train.metrics import MetricsLog, plot_metrics
 from phi4rv.train.setup import build_trainer, check_memory, load_tokenizer, model_config
 from phi4rv.train.stages import lr_factor, set_lr
+from phi4rv.train.stream import StreamedBatches, plan_streamed_data
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -63,20 +64,28 @@ class StageRun:
             state = ckpt_io.load_training_checkpoint(resume_from, model, optimizer, d)
             self.start = state["step"]
             self.counters.update(state.get("counters", {}))
+            if data.stream is not None:
+                data.stream.restore(ckpt_io.read_data_state(resume_from))
             if state.get("total_steps") != data.plan.steps:
                 say(d, f"warning: the plan now has {data.plan.steps} steps, the checkpoint was made with {state.get('total_steps')}")
         self.log = MetricsLog(self.dir, d.main, cfg.log.tensorboard, resume_step=self.start if resume_from else None)
         self.saved_at = self.start if resume_from is not None else -1
         self.done = self.start  # optimizer steps taken
+        self.streamed: StreamedBatches | None = None
 
     def train(self) -> None:
         """Every remaining step, then the final evaluation and checkpoint (a checkpoint of the
         completed steps on Ctrl-C in a single-process run)."""
         cfg, d, plan, ev = self.cfg, self.d, self.data.plan, self.data.eval
         per_rank = self.data.per_rank(d)
-        indices = [s * plan.per_step + d.rank * per_rank + a for s in range(self.start, plan.steps) for a in range(per_rank)]
-        batches = iter(loader(MicroBatches(plan.micro, self.data.sources, self.data.encoder, indices, self.data.pad_id),
-                              self.stage.data.num_workers))
+        if self.data.stream is not None:
+            self.streamed = StreamedBatches(self.data.stream, self.data.pad_id, plan.per_step, d, self.start, plan.steps,
+                                            self.stage.data.num_workers)
+            batches = iter(self.streamed)
+        else:
+            indices = [s * plan.per_step + d.rank * per_rank + a for s in range(self.start, plan.steps) for a in range(per_rank)]
+            batches = iter(loader(MicroBatches(plan.micro, self.data.sources, self.data.encoder, indices, self.data.pad_id),
+                                  self.stage.data.num_workers))
         bar = tqdm(total=plan.steps, initial=self.start, desc=self.name, disable=not (d.main and cfg.log.progress),
                    dynamic_ncols=True)
         if ev is not None and cfg.eval.at_start and self.start == 0:
@@ -103,6 +112,11 @@ class StageRun:
             raise
         finally:
             bar.close()
+            if self.streamed is not None:
+                batches.close()  # its worker pool
+
+        if self.data.stream is not None:
+            say(d, self.data.stream.describe())
 
         peaks = d.sum([peak_memory_gb(d.device) if r == d.rank else 0.0 for r in range(d.world)])
         say(d, "peak memory per process (GiB): " + " ".join(f"{p:.3f}" for p in peaks))
@@ -162,9 +176,11 @@ class StageRun:
     def save(self, step: int) -> None:
         plan = self.data.plan
         state = {"stage": self.name, "total_steps": plan.steps, "micro_batch": step * plan.per_step,
-                 "per_step": plan.per_step, "counters": dict(self.counters)}
+                 "per_step": plan.per_step, "counters": dict(self.counters), "streaming": self.data.stream is not None}
+        data_state = self.streamed.state_at(step) if self.data.stream is not None else None
         path = ckpt_io.save_training_checkpoint(self.dir, step, self.model, self.optimizer, state, self.tokenizer, self.d,
-                                                self.cfg.checkpoint.keep, self.lora, self.cfg.checkpoint.step_weights)
+                                                self.cfg.checkpoint.keep, self.lora, self.cfg.checkpoint.step_weights,
+                                                data_state)
         self.saved_at = step
         say(self.d, f"saved {path}")
 
@@ -172,6 +188,10 @@ class StageRun:
 def check_resumable(state: dict, data: StageData, name: str, stage: StageConfig, d: Dist) -> None:
     """A checkpoint resumes at any process count as long as each optimizer step holds the same
     micro-batches: the step's samples are then those of the saved run whatever the split."""
+    streamed = state.get("streaming", False)
+    if streamed != (data.stream is not None):
+        raise ConfigError(f"stages.{name}: the checkpoint was saved with data.streaming: {str(streamed).lower()}; "
+                          "resume with the same setting")
     saved = state.get("per_step", data.plan.per_step)
     if saved != data.plan.per_step:
         raise ConfigError(
@@ -191,7 +211,8 @@ def train_stage(cfg: TrainConfig, name: str, stage: StageConfig, source: Path | 
     if stage.data.max_len > mc.decoder.max_position_embeddings:
         raise ConfigError(f"stages.{name}.data.max_len ({stage.data.max_len}) exceeds the model's {mc.decoder.max_position_embeddings} positions")
     say(d, f"== stage {name}" + (f" (resuming from {resume_from})" if resume_from else ""))
-    data = plan_data(cfg, name, stage, ImageProcessorConfig.from_model(mc), tokenizer, d)
+    data = (plan_streamed_data if stage.data.streaming else plan_data)(cfg, name, stage, ImageProcessorConfig.from_model(mc),
+                                                                        tokenizer, d)
     if resume_from is not None:
         check_resumable(ckpt_io.read_state(resume_from), data, name, stage, d)
     model, optimizer = build_trainer(cfg, stage, mc, source, d)
