@@ -173,12 +173,15 @@ class StreamedBatches:
         self.start, self.steps, self.workers = start, steps, workers
         self.per_rank = per_step // d.world
         self.states = {start: stream.state()}
+        self.keep = 2 * workers + 2  # steps of states kept: the loader runs at most 2 x workers micro-batches ahead
 
     def _plans(self) -> Iterator[tuple[list[list[Sample]], dict]]:
         for step in range(self.start, self.steps):
             before = Counter(self.stream.skipped)
             mbs = [self.stream.next_micro_batch() for _ in range(self.per_step)]
             self.states[step + 1] = self.stream.state()
+            for old in [s for s in self.states if s < step + 1 - self.keep]:
+                del self.states[old]  # the trainer is at most `keep` steps behind this producer
             skipped = dict(self.stream.skipped - before)
             for a in range(self.per_rank):
                 rows = [[it.sample for it in row] for row in mbs[self.d.rank * self.per_rank + a]]
