@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from phi4rv.train.config import ConfigError, load_config
@@ -39,6 +41,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(memory_plan_report(cfg, args.world, args.plan_device, memory))
         return
     run(cfg, resume=args.resume is not None)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun with gloo (torch 2.13) a process can abort while the interpreter finalizes,
+        # after the run completed and the process group was destroyed ("terminate called without
+        # an active exception", SIGABRT: 2 runs in 9 of 4 processes on a loaded 2-core machine),
+        # and torchrun then reports the whole run failed. Every file is closed by now: leave
+        # without finalizing.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def memory_plan_report(cfg, world: int, device: str, device_memory: int | None) -> str:
