@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from phi4rv.checkpoint import load_model
+from phi4rv.generation.compiled import compile_decode
 from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate, generate_stream
 from phi4rv.generation.grammar import Grammar
 from phi4rv.generation.sampling import SamplingParams
@@ -74,12 +75,16 @@ class ChatModel:
         device: str | None = None,
         max_num_patches: int | None = None,
         quantize: str | None = None,
+        compile: str | bool | None = None,
     ) -> ChatModel:
         """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum).
-        `quantize`: None, "int8" or "int4" (weight-only, at load time; see `phi4rv.model.quant`)."""
+        `quantize`: None, "int8" or "int4" (weight-only, at load time; see `phi4rv.model.quant`).
+        `compile`: True or a `torch.compile` mode ("default", "reduce-overhead", ...) compiles the
+        decode step (`phi4rv.generation.compiled`); the first tokens pay the compile."""
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+        compile_decode(model, compile)
         tokenizer = Tokenizer.from_dir(path)
         pre = path / "preprocessor_config.json"
         saved = ImageProcessorConfig.from_dict(json.loads(pre.read_text())) if pre.is_file() else None

@@ -13,6 +13,7 @@ import torch
 
 from phi4rv.checkpoint import DTYPES, CheckpointError
 from phi4rv.config import PRESETS, Phi4RVConfig, preset
+from phi4rv.generation.compiled import COMPILE_MODES
 from phi4rv.processing.image import ImageError
 
 
@@ -89,7 +90,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from phi4rv.generation.sampling import SamplingParams
 
     cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
-                        quantize=args.quantize)
+                        quantize=args.quantize, compile=args.compile_mode or args.compile)
     params = cm.params(
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: as stored")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (prefill stays eager); the first tokens pay the compile")
+    s.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (implies --compile; default: default); reduce-overhead = CUDA graphs, untested")
     s.add_argument("--json", action="store_true", help="print one JSON object per answer")
     s.add_argument("--ground", metavar="TARGET", help="locate a UI element in the --image: prints its pixel box and click point")
     s.add_argument("--draw", type=Path, metavar="OUT.png", help="with --ground: the image with the box and point drawn")

@@ -72,15 +72,18 @@ class LocalBackend:
         warmup: bool = True,
         max_num_patches: int | None = None,
         quantize: str | None = None,
+        compile: str | bool | None = None,
     ):
         from phi4rv.chat_model import ChatModel
+        from phi4rv.generation.compiled import check_compile_mode
 
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.model_dir = Path(model_dir)
         self.cm = ChatModel.load(model_dir, dtype=dtype, device=device, max_num_patches=max_num_patches,
-                                 quantize=quantize)
+                                 quantize=quantize, compile=compile)
         self.quantize = quantize
+        self.compile = check_compile_mode(compile)
         self.batch_size = batch_size
         self.thinking_budget = thinking_budget
         self.warmup = warmup
@@ -95,7 +98,8 @@ class LocalBackend:
 
     def runtime(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "device": str(self.cm.model.device),
-                "dtype": str(next(self.cm.model.parameters()).dtype).removeprefix("torch."), "quantize": self.quantize}
+                "dtype": str(next(self.cm.model.parameters()).dtype).removeprefix("torch."), "quantize": self.quantize,
+                "compile": self.compile}
 
     def _params(self, max_new_tokens: int):
         from phi4rv.generation.sampling import SamplingParams

@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
         backend = LocalBackend(args.model, batch_size=args.batch_size, thinking_budget=args.thinking_budget,
                                dtype=args.dtype, device=args.device, warmup=not args.no_warmup,
-                               max_num_patches=args.max_num_patches, quantize=args.quantize)
+                               max_num_patches=args.max_num_patches, quantize=args.quantize,
+                               compile=args.compile_mode or args.compile)
     else:
         from phi4rv.eval.backends import HTTPBackend
 
@@ -203,6 +204,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default=None)
     s.add_argument("--quantize", default=None, metavar="int8|int4", help="--model: weight-only quantization at load time")
+    s.add_argument("--compile", action="store_true", help="--model: torch.compile the decode step (prefill stays eager)")
+    s.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="--model: torch.compile mode (implies --compile): default, reduce-overhead (CUDA graphs, "
+                        "untested), max-autotune, max-autotune-no-cudagraphs")
     s.add_argument("--concurrency", type=int, default=1, help="--endpoint: requests in flight")
     s.add_argument("--retries", type=int, default=3, help="--endpoint: retries on timeouts, 429 and 5xx")
     s.add_argument("--timeout", type=float, default=600.0, help="--endpoint: seconds per request")

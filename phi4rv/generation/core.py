@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from phi4rv.generation.cache import SlotCache
+from phi4rv.generation.compiled import compiled_decode
 from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
 from phi4rv.model.vlm import Phi4RV, image_segment_ids
@@ -340,6 +341,7 @@ class Core:
         self.slack = len(self.markers.forced_close)  # room for a forced </think>
         self.prefixes = PrefixStore(prefix_bytes) if prefix_bytes > 0 else None
         self.timing: dict[str, float] = {}
+        self.compiled = compiled_decode(model)  # None: decode steps run eagerly
 
     @property
     def slot_len(self) -> int:
@@ -450,6 +452,8 @@ class Core:
         """One decode step: each sequence feeds its last token and gets its next."""
         model, device = self.model, self.model.device
         self.cache.bind([s.slot for s in seqs])
+        if self.compiled is not None:
+            return pick(self.compiled(torch.tensor([s.token for s in seqs], device=device), self.cache), seqs)
         tokens = torch.tensor([[s.token] for s in seqs], device=device)
         h = model.decoder(model.decoder.embed_tokens(tokens), self.cache.starts[:, None], self.cache.decode_mask(), self.cache)
         return pick(model.decoder.lm_head(h[:, -1]), seqs)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from phi4rv.checkpoint import DTYPES
+from phi4rv.generation.compiled import COMPILE_MODES
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -16,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
     cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
-                        quantize=args.quantize)
+                        quantize=args.quantize, compile=args.compile_mode or args.compile)
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
@@ -68,5 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dtype", default=None, choices=list(DTYPES))
     s.add_argument("--device", default=None)
     s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
+    s.add_argument("--compile", action="store_true", help="torch.compile the decode step (prefill stays eager); the first tokens pay the compile")
+    s.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (implies --compile; default: default); reduce-overhead = CUDA graphs, untested")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=cmd_serve)

@@ -1,0 +1,120 @@
+"""`--compile`: the compiled decode step gives eager's tokens and log-probabilities, in generate
+and in the server's batched decode, and compiles a bounded number of times, not once per token."""
+
+import json
+import threading
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from phi4rv.chat_model import ChatModel
+from phi4rv.cli import main
+from phi4rv.generation.compiled import compiled_decode
+from phi4rv.generation.core import GenerationParams, Request
+from phi4rv.generation.generate import generate
+from phi4rv.serve.engine import Engine, EngineRequest
+
+NEW_TOKENS = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _room_for_every_graph():
+    # Graphs of every model this module compiles share one code object; torch's default limit
+    # (8 per code object) would silently fall back to eager, which the graph counts below catch.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def prompts(lengths):
+    """Text-only prompts of the given lengths (random regular ids, no special tokens)."""
+    g = torch.Generator().manual_seed(sum(lengths))
+    return [Request(input_ids=torch.randint(100, 5000, (n,), generator=g).tolist()) for n in lengths]
+
+
+def greedy(n=NEW_TOKENS):
+    return GenerationParams(max_new_tokens=n)  # no stop ids: every row makes all n tokens
+
+
+def assert_same(eager, compiled):
+    for e, c in zip(eager, compiled, strict=True):
+        assert c.token_ids == e.token_ids
+        assert c.logprobs == pytest.approx(e.logprobs, abs=1e-4)
+
+
+@pytest.fixture(scope="module", params=[None, "int8"], ids=["fp32", "int8"])
+def pair(request, tiny_ckpt):
+    eager = ChatModel.load(tiny_ckpt, device="cpu", quantize=request.param)
+    compiled = ChatModel.load(tiny_ckpt, device="cpu", quantize=request.param, compile=True)
+    assert compiled_decode(eager.model) is None and compiled_decode(compiled.model).mode == "default"
+    return eager, compiled
+
+
+def test_compiled_greedy_decode_matches_eager_with_bounded_compiles(pair):
+    eager, compiled = pair
+    runs = [prompts([7]), prompts([5, 12, 9]), prompts([30]), prompts([3, 17])]
+    counts = []
+    for requests in runs:
+        before = graphs()
+        out = generate(compiled.model, compiled.tokenizer, requests, greedy())
+        counts.append(graphs() - before)
+        assert_same(generate(eager.model, eager.tokenizer, requests, greedy()), out)
+    # batch 1 compiles once, any larger batch once more; other lengths and batch sizes reuse them
+    # (an unchanged count over 20 tokens also says no token recompiled)
+    assert counts[0] <= 1 and counts[1] <= 1 and counts[2:] == [0, 0]
+    assert sum(counts) >= 1  # this model was compiled at all (not run eagerly after a fallback)
+
+
+def test_compiled_server_decode_matches_eager(pair):
+    """5 requests of different lengths through 3 slots: rows join and leave, slots run out of order."""
+    eager, compiled = pair
+    requests = prompts([4, 11, 6, 15, 8])
+    lengths = [NEW_TOKENS, 6, 13, 9, NEW_TOKENS]
+    mine = [GenerationParams(max_new_tokens=n) for n in lengths]
+    before = graphs()
+    served = run_engine_each(compiled, requests, mine)
+    assert graphs() - before <= 2  # slots > 1 with batch 1, and any larger batch
+    for r, p, events in zip(requests, mine, served):
+        alone = generate(eager.model, eager.tokenizer, [r], p)[0]
+        assert [e.token_id for e in events] == alone.token_ids
+        assert [e.logprob for e in events] == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def run_engine_each(cm, requests, params_per_request, max_batch=3):
+    engine = Engine(cm.model, cm.tokenizer, max_batch=max_batch).start()
+    out = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def emit(i):
+        def f(ev):
+            out[i].append(ev)
+            if isinstance(ev, BaseException) or ev.finish_reason is not None:
+                done.release()
+        return f
+
+    try:
+        for i, (r, p) in enumerate(zip(requests, params_per_request)):
+            engine.submit(EngineRequest(r, p, emit(i)))
+        for _ in requests:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert not any(isinstance(e, BaseException) for events in out for e in events)
+    return out
+
+
+def test_chat_cli_compile_flag_gives_the_eager_answer(tiny_ckpt, capsys):
+    args = ["chat", "--model", str(tiny_ckpt), "--temperature", "0", "--max-new-tokens", "6", "--json", "Hello"]
+    assert main(args) == 0
+    eager = json.loads(capsys.readouterr().out)
+    assert main(args[:-1] + ["--compile", "Hello"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == eager["token_ids"]
+
+
+def test_unknown_compile_mode_is_refused(tiny_ckpt):
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        ChatModel.load(tiny_ckpt, device="cpu", compile="fast")
