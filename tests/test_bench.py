@@ -170,3 +170,16 @@ def test_quant_quality_reference_row_is_exact(tmp_path):
     assert sizes == sorted(sizes, reverse=True)
     for row in rows.values():
         assert row["kl_mean"] >= 0 and 0 <= row["top1_agreement"] <= 1
+
+
+def test_decode_compile_ratios_come_from_the_timings(tmp_path):
+    stdout, fig = run_bench("decode_compile", tmp_path, "--quantize", "none")
+    assert "compiled / eager decode tok/s" in stdout
+    for r in fig["results"]:
+        for side in ("eager", "compiled"):
+            times = r[side]["decode_s"]
+            assert len(times) >= 3 and r[side]["decode_median_s"] == statistics.median(times)
+            assert r[side]["decode_tokens_per_s"] == pytest.approx(r["batch"] * 7 / statistics.median(times))
+        assert r["ratio_median"] == pytest.approx(r["eager"]["decode_median_s"] / r["compiled"]["decode_median_s"])
+        assert r["ratio_min"] == pytest.approx(min(r["eager"]["decode_s"]) / min(r["compiled"]["decode_s"]))
+        assert r["graphs_compiled"]["eager"] == 0 and r["graphs_compiled"]["compiled"] >= 1

@@ -1,0 +1,150 @@
+"""Decode throughput: eager vs `--compile` (torch.compile of the decode step), same weights.
+
+Two copies of one random model of a preset's shapes, one eager, one with its decode step compiled
+(`phi4rv.generation.compiled`); text-only prompts of random ids (the vision tower never runs);
+greedy, exactly `--new-tokens` tokens per row (no stop ids), the sides alternating run by run
+over `--repeats`. Decode tokens/s = batch x (new_tokens - 1) / the decode time `generate`
+reports (prefill, eager on both sides, is excluded). The compile is paid in the warm-up runs,
+reported apart with the number of graphs compiled, not in the timed ones.
+
+    python bench/decode_compile.py --preset tiny
+    python bench/decode_compile.py --preset small --quantize none int8 --json out/decode_compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_common_args, machine, print_machine, print_table, setup, sync, write_json
+
+from phi4rv.config import preset
+from phi4rv.generation.compiled import COMPILE_MODES, compile_decode
+from phi4rv.generation.core import GenerationParams, Request
+from phi4rv.generation.generate import generate
+from phi4rv.model import Phi4RV
+from phi4rv.model.quant import quantize_modules
+from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
+
+SIDES = ("eager", "compiled")
+
+
+def build(cfg, mode: str, device, dtype, seed: int) -> tuple[Phi4RV, Phi4RV]:
+    torch.manual_seed(seed)
+    eager = Phi4RV(cfg)
+    eager.init_weights(std=0.5)  # large weights: peaked distributions, greedy ties unlikely
+    eager = eager.to(device=device, dtype=dtype).eval()
+    if mode != "none":
+        quantize_modules(eager, mode, dtype)
+    return eager, copy.deepcopy(eager)
+
+
+def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, warmup: int, repeats: int) -> dict:
+    params = GenerationParams(max_new_tokens=new_tokens)
+    b = len(requests)
+    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    warm: dict[str, list[float]] = {s: [] for s in SIDES}
+    graphs = {s: 0 for s in SIDES}
+    for i in range(warmup + repeats):
+        for side in SIDES:  # alternate: other load on the machine hits both alike
+            timing: dict[str, float] = {}
+            before = counters["stats"]["unique_graphs"]
+            sync(device)
+            t0 = time.perf_counter()
+            out = generate(models[side], tok, requests, params, timing)
+            sync(device)
+            total = time.perf_counter() - t0
+            graphs[side] += counters["stats"]["unique_graphs"] - before
+            if i < warmup:
+                warm[side].append(total)
+            else:
+                runs[side].append({"decode": timing["decode"], "tokens": [o.token_ids for o in out]})
+    res: dict = {"batch": b, "graphs_compiled": graphs}
+    steps = b * (new_tokens - 1)
+    for side in SIDES:
+        decode = [r["decode"] for r in runs[side]]
+        res[side] = {"warmup_total_s": warm[side], "decode_s": decode, "decode_median_s": statistics.median(decode),
+                     "decode_min_s": min(decode), "decode_tokens_per_s": steps / statistics.median(decode),
+                     "decode_tokens_per_s_best": steps / min(decode)}
+    res["ratio_median"] = res["eager"]["decode_median_s"] / res["compiled"]["decode_median_s"]
+    res["ratio_min"] = res["eager"]["decode_min_s"] / res["compiled"]["decode_min_s"]
+    res["tokens_identical"] = all(a["tokens"] == c["tokens"] for a, c in zip(runs["eager"], runs["compiled"]))
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="model shapes (tiny: 13M parameters, small: 129M)")
+    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
+    add_common_args(p, repeats=3, warmup=1)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.preset, args.batch, args.prompt_len, args.new_tokens = "tiny", [1, 2], 8, 8
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1: the first compiled runs pay the compile")
+    device, dtype = setup(args)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        build_phi4_tokenizer(tok_dir)
+        tok = Tokenizer.from_dir(tok_dir)
+    cfg = preset(args.preset)
+    info = machine(device, dtype)
+
+    results = []
+    g = torch.Generator().manual_seed(args.seed)
+    for mode in args.quantize:
+        eager, compiled = build(cfg, mode, device, dtype, args.seed)
+        compile_decode(compiled, args.compile_mode)
+        for b in args.batch:
+            ids = torch.randint(0, min(NUM_REGULAR, cfg.decoder.vocab_size), (b, args.prompt_len), generator=g)
+            requests = [Request(input_ids=row.tolist()) for row in ids]
+            res = run_pair({"eager": eager, "compiled": compiled}, tok, requests, args.new_tokens, device,
+                           args.warmup, args.repeats)
+            results.append({"quantize": mode, **res})
+            print(f"{mode} batch {b}: compiled / eager = {res['ratio_median']:.2f}x median", file=sys.stderr, flush=True)
+        del eager, compiled
+    info["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+
+    with torch.device("meta"):
+        n_params = sum(t.numel() for t in Phi4RV(cfg).decoder.parameters())
+    print_machine(info)
+    print(f"model: preset {args.preset} (decoder hidden {cfg.decoder.hidden_size}, {cfg.decoder.num_hidden_layers} layers, "
+          f"vocab {cfg.decoder.vocab_size}; {n_params / 1e6:.0f}M decoder parameters), random weights; prompt {args.prompt_len} random ids, exactly "
+          f"{args.new_tokens} new tokens greedy; compile mode {args.compile_mode!r}; {args.warmup} warm-up + "
+          f"{args.repeats} timed runs per side, alternating")
+    rows = []
+    for r in results:
+        for side in SIDES:
+            s = r[side]
+            rows.append([f"{r['quantize']} b{r['batch']} {side}", s["decode_median_s"], s["decode_tokens_per_s"],
+                         s["decode_tokens_per_s_best"], r["graphs_compiled"][side],
+                         ", ".join(f"{t:.3g}" for t in s["warmup_total_s"])])
+    print_table(["side", "decode s (median)", "decode tok/s", "best tok/s", "graphs compiled", "warm-up s"], rows)
+    print()
+    for r in results:
+        print(f"{r['quantize']} batch {r['batch']}: compiled / eager decode tok/s = {r['ratio_median']:.2f}x median, "
+              f"{r['ratio_min']:.2f}x min times; token ids {'identical' if r['tokens_identical'] else 'DIFFER'}")
+    figures = {"benchmark": "decode_compile", "machine": info,
+               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                          "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats,
+                          "decoder_parameters": n_params},
+               "results": results}
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
