@@ -46,10 +46,13 @@ def assert_same(eager, compiled):
         assert c.logprobs == pytest.approx(e.logprobs, abs=1e-4)
 
 
-@pytest.fixture(scope="module", params=[None, "int8"], ids=["fp32", "int8"])
+# Not bf16: the compiled step's reductions run in another order, so a near-tie can pick another
+# greedy token (seen after 11 tokens on this model; the README says so).
+@pytest.fixture(scope="module", params=[("float32", None), ("float32", "int8")], ids=["fp32", "int8"])
 def pair(request, tiny_ckpt):
-    eager = ChatModel.load(tiny_ckpt, device="cpu", quantize=request.param)
-    compiled = ChatModel.load(tiny_ckpt, device="cpu", quantize=request.param, compile=True)
+    dtype, quantize = request.param
+    eager = ChatModel.load(tiny_ckpt, device="cpu", dtype=dtype, quantize=quantize)
+    compiled = ChatModel.load(tiny_ckpt, device="cpu", dtype=dtype, quantize=quantize, compile=True)
     assert compiled_decode(eager.model) is None and compiled_decode(compiled.model).mode == "default"
     return eager, compiled
 

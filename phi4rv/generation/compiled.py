@@ -7,7 +7,8 @@ slots run) and the slot length are marked dynamic, so sequences joining and leav
 batch, or a new prompt length in chat, reuse the same graph. Batch 1 gets a graph of its own
 (torch specialises sizes 0 and 1), so two compiles cover every batch size and slot length. The
 step writes the new token's keys/values into the `SlotCache` tensors in place and returns the
-LM head's logits; picking the token stays in Python (`core.pick`).
+LM head's logits; picking the token stays in Python (`core.pick`). In bf16/fp16 the compiled
+step rounds where eager rounds (`emulate_precision_casts`), so `--compile` keeps eager's answers.
 
 Nothing in the step is CPU-only: the weight-only kernels pick their CUDA variants by the
 activations' device, SDPA is device-generic, and the compile mode is the caller's
@@ -60,7 +61,10 @@ class CompiledDecode:
     def __init__(self, decoder: nn.Module, mode: str = "default"):
         self.decoder, self.mode = decoder, mode
         self.cuda_graphs = mode == "reduce-overhead"
-        self.step = torch.compile(self._forward, mode=mode, fullgraph=True)
+        # Eager's roundings kept in bf16/fp16 (inductor would otherwise keep fused intermediates in
+        # fp32): without them a bf16 tiny model's greedy tokens left eager's after ~10 tokens.
+        options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+        self.step = torch.compile(self._forward, options=options, fullgraph=True)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
