@@ -4,11 +4,12 @@ Shapes are kept compile-friendly so that a model compiles a bounded number of ti
 per token: the step attends over each slot's whole preallocated length with a length mask (as
 gpt-fast does), so the cache's shape does not grow with every token, and the batch (how many
 slots run) and the slot length are marked dynamic, so sequences joining and leaving the server's
-batch, or a new prompt length in chat, reuse the same graph. Batch 1 gets a graph of its own
-(torch specialises sizes 0 and 1), so two compiles cover every batch size and slot length. The
-step writes the new token's keys/values into the `SlotCache` tensors in place and returns the
-LM head's logits; picking the token stays in Python (`core.pick`). In bf16/fp16 the compiled
-step rounds where eager rounds (`emulate_precision_casts`), so `--compile` keeps eager's answers.
+batch, or a new prompt length in chat, reuse the same graph. Batch 1 gets graphs of its own
+(torch specialises sizes 0 and 1): at most three (batch 1 in a one-slot cache, batch 1 among more
+slots, any larger batch) cover every batch size and slot length. The step writes the new token's
+keys/values into the `SlotCache` tensors in place and returns the LM head's logits; picking the
+token stays in Python (`core.pick`). In bf16/fp16 the compiled step rounds where eager rounds
+(`emulate_precision_casts`); its sums still run in another order, so a near-tie can flip a token.
 
 Nothing in the step is CPU-only: the weight-only kernels pick their CUDA variants by the
 activations' device, SDPA is device-generic, and the compile mode is the caller's
@@ -60,10 +61,10 @@ class CompiledDecode:
 
     def __init__(self, decoder: nn.Module, mode: str = "default"):
         self.decoder, self.mode = decoder, mode
-        self.cuda_graphs = mode == "reduce-overhead"
         # Eager's roundings kept in bf16/fp16 (inductor would otherwise keep fused intermediates in
-        # fp32): without them a bf16 tiny model's greedy tokens left eager's after ~10 tokens.
+        # fp32): on one tiny-model prompt the first greedy difference came after 20 tokens, not 11.
         options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+        self.cuda_graphs = bool(options.get("triton.cudagraphs"))
         self.step = torch.compile(self._forward, options=options, fullgraph=True)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
