@@ -6,8 +6,7 @@ vocab 100352, SigLIP-2 so400m widths) but `--layers` decoder layers and `--visio
 layers, on text-only samples (Phi-4's tokenizer, built offline), starting from a random bf16
 checkpoint of that model written first (as the 15B starts from the release: under torchrun each
 process builds the model on the meta device and reads only its own rows). The loop reports every process's
-peak resident set (ru_maxrss) after the last step; the run is stopped there (the end-of-stage export
-is not part of the measurement). The plan (`phi4rv train CONFIG --plan --world N --plan-device cpu`)
+peak resident set (ru_maxrss) after the last step, before the end-of-stage export (not measured). The plan (`phi4rv train CONFIG --plan --world N --plan-device cpu`)
 is computed for the same config, with no image patches.
 
     python bench/memory_plan.py --worlds 1,2 --train lora           # ~3-4 GB per process
@@ -87,17 +86,20 @@ def measure(args, world: int, work: Path, checkpoint: Path) -> list[float]:
         cmd = [torchrun, "--standalone", f"--nproc_per_node={world}", "-m", "phi4rv", "train", str(cfg_path)]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    lines = []
+    lines, peaks = [], None
     try:
         for line in proc.stdout:
             lines.append(line)
             if m := re.match(r"peak memory per process \(GiB\): (.*)", line):
-                return [float(x) for x in m.group(1).split()]
+                peaks = [float(x) for x in m.group(1).split()]  # after the last step, before the export
+        proc.wait()  # the run ends by itself (killing torchrun would leave its workers running)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the export after the last step is not measured
-        proc.wait()
-    raise RuntimeError(f"world {world}: no peak memory report\n" + "".join(lines[-30:]))
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if peaks is None:
+        raise RuntimeError(f"world {world}: no peak memory report\n" + "".join(lines[-30:]))
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> dict:
