@@ -96,7 +96,8 @@ def run_training(cfg_path: Path, export: bool, threads: int) -> dict:
                 out["saved_s"] = now
                 if not export:
                     break
-            if line.startswith("saved") and "final" in line:
+            if m := re.match(r"stage \S+ done: (.*)", line):
+                out["export"] = Path(m.group(1).strip())
                 out["export_s"] = now
     finally:
         if proc.poll() is None:
@@ -153,9 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "loop_peak_gib": run["loop_peak_gib"], "run_peak_gib": run["run_peak_gib"], "plan_gib": plan.total / GiB,
                    "adapters_bytes": adapters, "built_s": run["built_s"], "parameters": n_params,
                    "decoder_layers": mc.decoder.num_hidden_layers}
-        if "export_s" in run:
-            figures["export_s"] = run["export_s"] - run["saved_s"]
-            print(f"merged bf16 export: {figures['export_s']:.1f} s")
+        if "export" in run:
+            index = json.loads((run["export"] / "model.safetensors.index.json").read_text())
+            figures["export"] = {"seconds": run["export_s"] - run["saved_s"], "bytes": index["metadata"]["total_size"],
+                                 "tensors": len(index["weight_map"]), "shards": len(set(index["weight_map"].values()))}
+            e = figures["export"]
+            print(f"merged release-format export: {e['seconds']:.1f} s, {e['bytes'] / 1e9:.2f} GB in {e['shards']} shards, "
+                  f"{e['tensors']} tensors")
         write_json(args.json, figures)
         return figures
     finally:
