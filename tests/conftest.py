@@ -10,6 +10,17 @@ import pytest
 IMAGES = Path(__file__).resolve().parent.parent / "examples" / "images"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes two threads far slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return IMAGES

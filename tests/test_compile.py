@@ -2,10 +2,10 @@
 and in the server's batched decode, and compiles a bounded number of times, not once per token."""
 
 import json
-import threading
 
 import pytest
 import torch
+from engine_runs import run_engine
 from torch._dynamo.utils import counters
 
 from phi4rv.chat_model import ChatModel
@@ -13,7 +13,6 @@ from phi4rv.cli import main
 from phi4rv.generation.compiled import compiled_decode
 from phi4rv.generation.core import GenerationParams, Request
 from phi4rv.generation.generate import generate
-from phi4rv.serve.engine import Engine, EngineRequest
 
 NEW_TOKENS = 20
 
@@ -79,35 +78,13 @@ def test_compiled_server_decode_matches_eager(pair):
     lengths = [NEW_TOKENS, 6, 13, 9, NEW_TOKENS]
     mine = [GenerationParams(max_new_tokens=n) for n in lengths]
     before = graphs()
-    served = run_engine_each(compiled, requests, mine)
+    served = run_engine(compiled, requests, mine, max_batch=3, timeout=300)
+    assert not any(isinstance(e, BaseException) for events in served for e in events)
     assert graphs() - before <= 2  # slots > 1 with batch 1, and any larger batch
     for r, p, events in zip(requests, mine, served):
         alone = generate(eager.model, eager.tokenizer, [r], p)[0]
         assert [e.token_id for e in events] == alone.token_ids
         assert [e.logprob for e in events] == pytest.approx(alone.logprobs, abs=1e-4)
-
-
-def run_engine_each(cm, requests, params_per_request, max_batch=3):
-    engine = Engine(cm.model, cm.tokenizer, max_batch=max_batch).start()
-    out = [[] for _ in requests]
-    done = threading.Semaphore(0)
-
-    def emit(i):
-        def f(ev):
-            out[i].append(ev)
-            if isinstance(ev, BaseException) or ev.finish_reason is not None:
-                done.release()
-        return f
-
-    try:
-        for i, (r, p) in enumerate(zip(requests, params_per_request)):
-            engine.submit(EngineRequest(r, p, emit(i)))
-        for _ in requests:
-            assert done.acquire(timeout=300)
-    finally:
-        engine.stop()
-    assert not any(isinstance(e, BaseException) for events in out for e in events)
-    return out
 
 
 def test_chat_cli_compile_flag_gives_the_eager_answer(tiny_ckpt, capsys):

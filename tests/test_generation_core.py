@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from engine_runs import run_engine
 from torch import nn
 
 from phi4rv.chat_model import ChatModel
@@ -55,29 +56,6 @@ def req(cm, text, images=(), mode="auto"):
 def params(n=8, temperature=0.0, seed=None, **kw):
     return GenerationParams(max_new_tokens=n, sampling=SamplingParams(temperature=temperature, top_p=0.9),
                             seed=seed, **kw)
-
-
-def run_engine(cm, requests, p, max_batch=2, **engine_kw):
-    """Submit every request at once to a running engine (fewer slots than requests: some queue)."""
-    engine = Engine(cm.model, cm.tokenizer, max_batch=max_batch, **engine_kw).start()
-    out = [[] for _ in requests]
-    done = threading.Semaphore(0)
-
-    def emit(i):
-        def f(ev):
-            out[i].append(ev)
-            if isinstance(ev, BaseException) or ev.finish_reason is not None:
-                done.release()
-        return f
-
-    try:
-        for i, r in enumerate(requests):
-            engine.submit(EngineRequest(r, p, emit(i)))
-        for _ in requests:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.stop()
-    return out
 
 
 @pytest.mark.parametrize("temperature, seed", [(0.0, None), (0.9, 5)])

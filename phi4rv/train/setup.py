@@ -135,7 +135,7 @@ def build_sharded_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, 
     dtype = DTYPES[cfg.model.dtype]
     with torch.device("meta"):
         model = Phi4RV(mc).to(dtype)
-    stored = stored_parameters(Path(path), model)
+    stored = stored_parameters(path, model)
     names = [name for name, _ in model.named_parameters()]
     adapters = prepare_for_stage(cfg, stage, model)
     shard_model(model, d, torch.bfloat16 if cfg.precision == "bfloat16" else None)
