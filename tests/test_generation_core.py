@@ -2,6 +2,7 @@
 semantics agree with training; forced modes bind; prefix reuse; failures stay with their request."""
 
 import copy
+import math
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from engine_runs import run_engine
 from torch import nn
 
 from phi4rv.chat_model import ChatModel
-from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence
+from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence, SequenceState, pick
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.image import ImagePatches, process_image
@@ -265,3 +266,21 @@ def test_constrained_answer_follows_reasoning_even_when_the_model_would_stop(cm)
         parsed = parse_completion(g.text, mode)
         assert parsed.thinking is not None and g.finish_reason == "stop", g.text
         jsonschema.validate(json.loads(parsed.answer), schema)
+
+
+def test_greedy_pick_takes_the_first_of_tied_maxima_and_computes_only_asked_logprobs(cm):
+    core = Core(cm.model, cm.tokenizer, 2, 64)
+    seqs = []
+    for wanted in (True, False):
+        s = Sequence(Request([1, 2, 3]), params(logprobs=wanted))
+        s.state = SequenceState(cm.tokenizer, s.params, "auto", core.markers)
+        seqs.append(s)
+    vocab = cm.model.cfg.decoder.vocab_size
+    logits = torch.full((2, vocab), -5.0)
+    logits[0, [3000, 7]] = 2.0  # tied maxima: the lower id wins, as in torch.argmax
+    logits[1, [50, 9]] = 1.0
+    events = pick(logits, seqs)
+    assert [e.token_id for e in events] == [7, 9]
+    expected = 2.0 - math.log(2 * math.exp(2.0) + (vocab - 2) * math.exp(-5.0))
+    assert events[0].logprob == pytest.approx(expected, abs=1e-4)  # float32 over 100k logits
+    assert events[1].logprob is None  # not asked for: not computed

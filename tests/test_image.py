@@ -284,6 +284,10 @@ def test_exif_orientation(tmp_path):
     out = load_image(path)
     assert out.size == (32, 64)
     assert process_image(path, ImageProcessorConfig(min_num_patches=1)).grid == (4, 2)
+    assert load_image(path.read_bytes()).size == (32, 64)
+    with Image.open(path) as caller:  # a caller's image is read, not rotated in place
+        assert load_image(caller).size == (32, 64)
+        assert caller.size == (64, 32) and caller.getexif().get(0x0112) == 6
 
 
 def test_not_an_image(tmp_path):

@@ -42,6 +42,7 @@ class GenerationParams:
     stop_strings: tuple[str, ...] = ()
     thinking_budget: int | None = None  # max tokens inside <think> before </think> is forced
     top_logprobs: int = 0
+    logprobs: bool = True  # compute each token's log-probability (False: events carry None)
     grammar: Grammar | None = None  # the answer (not the reasoning) must be in this language
 
     def __post_init__(self):
@@ -80,7 +81,7 @@ class TokenEvent:
     row: int
     token_id: int
     text: str  # new text made visible by this token (may be "")
-    logprob: float
+    logprob: float | None
     top_logprobs: list[tuple[int, float]] | None
     thinking: bool  # this token was generated inside <think> … </think>
     finish_reason: str | None = None  # "stop" | "length" once the row is done
@@ -210,9 +211,10 @@ class Sequence:
 
 def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
     """The next token of each sequence ([B, V] logits, one row per sequence), as events."""
-    raw = logits = logits.float()
+    raw = logits.float()
     banned = [s.state.banned() for s in seqs]
     constrained = [s.constraint is not None and s.state.answering for s in seqs]
+    masked = None  # numpy [B, V] when some row has tokens it may not pick
     if any(banned) or any(constrained):
         # Masked in numpy on the host: a few vectorised passes, no thread-pool hand-offs per row.
         masked = raw.cpu().numpy().copy()
@@ -226,19 +228,25 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
                 np.copyto(masked[i], -np.inf, where=outside)
             if banned[i]:
                 masked[i, banned[i]] = -np.inf
-        logits = torch.from_numpy(masked).to(raw.device)
     if all(s.params.sampling.temperature == 0 for s in seqs):
-        tokens = logits.argmax(-1)
+        if masked is None and raw.device.type != "cpu":
+            tokens = raw.argmax(-1)
+        else:  # numpy's argmax: same first-maximum rule, ~8x faster than torch's on CPU at [16, 100k]
+            host = masked if masked is not None else raw.numpy()
+            tokens = torch.from_numpy(host.argmax(-1)).to(raw.device)
     else:
+        logits = raw if masked is None else torch.from_numpy(masked).to(raw.device)
         tokens = torch.stack([sample(logits[i : i + 1], s.params.sampling, s.generator)[0] for i, s in enumerate(seqs)])
     forced = [s.state.forced.pop(0) if s.state.forced else None for s in seqs]
     if any(f is not None for f in forced):
-        tokens = torch.tensor([f if f is not None else int(t) for f, t in zip(forced, tokens)], device=logits.device)
+        tokens = torch.tensor([f if f is not None else int(t) for f, t in zip(forced, tokens)], device=raw.device)
     top = max(s.params.top_logprobs for s in seqs)
-    chosen, top_v, top_i = token_logprobs(raw, tokens, top)
+    chosen = top_v = top_i = None
+    if top or any(s.params.logprobs for s in seqs):
+        chosen, top_v, top_i = token_logprobs(raw, tokens, top)
+        chosen = chosen.tolist()
     events = []
-    for i, s in enumerate(seqs):
-        token = int(tokens[i])
+    for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
         tops = None
         if s.params.top_logprobs:
             n = s.params.top_logprobs
@@ -247,7 +255,8 @@ def pick(logits: torch.Tensor, seqs: list[Sequence]) -> list[TokenEvent]:
             s.constraint.advance(token)
         text, was_thinking, finish = s.state.push(token)
         s.token, s.finished = token, finish is not None
-        events.append(TokenEvent(s.row, token, text, float(chosen[i]), tops, was_thinking, finish))
+        logprob = chosen[i] if chosen is not None and s.params.logprobs else None
+        events.append(TokenEvent(s.row, token, text, logprob, tops, was_thinking, finish))
     return events
 
 

@@ -162,7 +162,10 @@ def load_image(source: ImageSource, max_pixels: int = ImageProcessorConfig.max_p
         if w * h > max_pixels:  # only the header has been read so far
             raise _too_large(w, h, max_pixels, name)
         img.load()
-        return _to_rgb(ImageOps.exif_transpose(img))  # always a new image
+        if img is not source:  # ours: rotate in place, as the caller's image must stay as it was
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img)  # always a new image
+        return _to_rgb(ImageOps.exif_transpose(img))
     except OSError as e:
         kind = "truncated image" if "truncated" in str(e) else "corrupt image"
         raise ImageError(f"{kind}: {name} ({e})") from None

@@ -242,8 +242,12 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
     metrics = Metrics(engine)
     engine.on_step = metrics.batch.observe
 
+    to_loop: ToLoop | None = None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal to_loop
+        to_loop = ToLoop(asyncio.get_running_loop())
         engine.start()
         yield
         await run_in_threadpool(engine.stop)
@@ -332,15 +336,14 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
                 stop_strings=tuple(x for x in job.stop if x),
                 thinking_budget=job.thinking_budget,
                 top_logprobs=job.top_logprobs,
+                logprobs=job.logprobs,
                 grammar=grammar,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        ereq = EngineRequest(prepared, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                             timeout=settings.request_timeout)
+        ereq = EngineRequest(prepared, params, lambda ev: to_loop.put(queue, ev), timeout=settings.request_timeout)
         try:
             engine.submit(ereq)
         except QueueFull as e:
@@ -358,10 +361,13 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
             first, checked = True, time.monotonic()
             try:
                 while True:
-                    try:
-                        ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        ev = None
+                    if not poll_disconnect:
+                        ev = await queue.get()
+                    else:
+                        try:
+                            ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                        except asyncio.TimeoutError:
+                            ev = None
                     if poll_disconnect and time.monotonic() - checked > 0.5:
                         checked = time.monotonic()
                         if await request.is_disconnected():
@@ -421,7 +427,7 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         job = Job(messages, urls, details, mode, body.max_completion_tokens or body.max_tokens, body.temperature,
                   body.top_p, body.seed, stop, body.thinking_budget, (body.top_logprobs or 0) if body.logprobs else 0,
-                  schema, param)
+                  schema, param, bool(body.logprobs))
         run = await start(request, job)
         cid, created = P.completion_id(), P.now()
         calls_possible = bool(fns) and body.tool_choice != "none"
@@ -495,6 +501,28 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
     return app
 
 
+class ToLoop:
+    """Hands the engine thread's events to the event loop's queues: one loop wake-up for all the
+    events of a decode step, not one per request per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 @dataclass
 class Job:
     """What one API request asks the engine for, whichever API it came through."""
@@ -512,6 +540,7 @@ class Job:
     top_logprobs: int
     schema: dict | None  # the answer's JSON schema (structured output or forced tool call)
     schema_param: str | None
+    logprobs: bool = False
 
 
 @dataclass
