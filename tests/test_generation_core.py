@@ -11,7 +11,7 @@ from engine_runs import run_engine
 from torch import nn
 
 from phi4rv.chat_model import ChatModel
-from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence, SequenceState, pick
+from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence, SequenceState, image_spans, pick
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.image import ImagePatches, process_image
@@ -153,6 +153,39 @@ def test_prefix_cache_reuses_a_shared_prompt_and_changes_nothing(cm, images_dir)
         got.append([e.token_id for e in events])
     assert got == plain
     assert core.prefixes.hits > 0.5 * requests[1].prompt_len  # the second prompt mostly came from the store
+
+
+@pytest.mark.parametrize("shared_text", [True, False])
+def test_an_image_inside_a_reused_prefix_is_not_encoded_again(cm, images_dir, shared_text):
+    """The whole image in the stored prefix: the vision tower does not run for it. The stored
+    prefix ending inside the image: the image is encoded and only its uncached positions used."""
+    text = ("You are a careful assistant. " * 12 if shared_text else "") + "Question {}?"
+    requests = [req(cm, text.format(q), [images_dir / "photo.jpg"]) for q in ("one", "two")]
+    p = params(6)
+    plain = [generate(cm.model, cm.tokenizer, [r], p)[0].token_ids for r in requests]
+    core = Core(cm.model, cm.tokenizer, slots=1, slot_len=2048, prefix_bytes=2**28)
+    encoded = []
+    hook = cm.model.vision.register_forward_hook(lambda m, args, out: encoded.append(args[0].shape[0]))
+    try:
+        got = []
+        for r in requests:
+            s = Sequence(r, p)
+            hits = core.prefixes.hits
+            events = core.admit([s])
+            while not s.finished:
+                events += core.step([s])
+            core.release(s)
+            got.append([e.token_id for e in events])
+    finally:
+        hook.remove()
+    assert got == plain
+    patches = requests[0].images[0].pixels.shape[0]
+    (begin, end), = image_spans(requests[1].input_ids, [requests[1].images[0].grid])
+    reused = core.prefixes.hits - hits
+    if shared_text:
+        assert reused >= end and encoded == [patches]  # the second request's image: not encoded
+    else:
+        assert begin < reused < end and encoded == [patches, patches]  # cut inside the image: encoded again
 
 
 def test_a_failing_request_fails_alone(cm, images_dir):

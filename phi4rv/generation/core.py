@@ -265,6 +265,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def image_spans(input_ids: list[int], grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[begin, end) of each image's positions in the expanded prompt."""
+    spans, pos, k = [], 0, 0
+    for t in input_ids:
+        if t == IMAGE_TOKEN_ID:
+            h, w = grids[k]
+            spans.append((pos, pos + h * w))
+            pos, k = pos + h * w, k + 1
+        else:
+            pos += 1
+    return spans
+
+
 def image_hash(im: ImagePatches) -> bytes:
     return hashlib.blake2b(im.pixels.numpy().tobytes() + str(im.grid).encode(), digest_size=16).digest()
 
@@ -381,22 +394,12 @@ class Core:
                 s.constraint = s.params.grammar.start()
                 s.state.answer_reserve = s.params.grammar.distance(s.constraint.guide.get_state()) + 1
 
+        # Stored prefixes first: an image whose every position is in a reused prefix is not encoded.
         t0 = time.perf_counter()
-        images = [im for s in seqs for im in s.request.images]
-        feats = None
-        if images:
-            feats = model.encode_images(torch.cat([im.pixels for im in images]).to(device), [im.grid for im in images])
-        _sync(device)
-        self.timing["vision"] = self.timing.get("vision", 0.0) + time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        ids, keys, starts, offset = [], [], [], 0
+        rows, keys = [], []
         for s in seqs:
             grids = [im.grid for im in s.request.images]
             full = expand_image_tokens(s.request.input_ids, grids)
-            n = sum(h * w for h, w in grids)
-            row_feats = feats[offset : offset + n] if n else None
-            offset += n
             start, row_keys = 0, []
             if self.prefixes is not None:
                 row_keys = self.prefixes.keys(s.request.input_ids, s.request.images)
@@ -410,9 +413,25 @@ class Core:
                     self.cache.copy_prefix(s.slot, *self.prefixes.get(row_keys[:hit]))
                     start = hit * self.prefixes.block
                     self.prefixes.hits += start
-            ids.append((full, row_feats, start))
+            rows.append((full, start, image_spans(s.request.input_ids, grids)))
             keys.append(row_keys)
-            starts.append(start)
+        self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        needed = [im for s, (_, start, spans) in zip(seqs, rows) for im, (_, end) in zip(s.request.images, spans) if end > start]
+        feats = None
+        if needed:
+            feats = model.encode_images(torch.cat([im.pixels for im in needed]).to(device), [im.grid for im in needed])
+        _sync(device)
+        self.timing["vision"] = self.timing.get("vision", 0.0) + time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ids, offset = [], 0
+        for full, start, spans in rows:
+            n = sum(end - begin for begin, end in spans if end > start)  # positions of the encoded images
+            skip = sum(start - begin for begin, end in spans if begin < start < end)  # the cached part of one cut
+            ids.append((full, feats[offset + skip : offset + n] if n else None, start))
+            offset += n
         logits = self._prefill(seqs, ids)
         _sync(device)
         self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
@@ -431,9 +450,9 @@ class Core:
             input_ids[i, : lens[i]] = torch.tensor(full[start:], device=device)
         x = model.decoder.embed_tokens(input_ids.clamp(min=0))
         for i, (full, row_feats, start) in enumerate(rows):
-            if row_feats is not None:  # the row's image positions, minus those already cached
-                is_image = torch.tensor(full, device=device) == IMAGE_TOKEN_ID
-                x[i, : lens[i]][is_image[start:]] = row_feats[int(is_image[:start].sum()) :].to(x.dtype)
+            if row_feats is not None:  # the features of the row's image positions from `start` on
+                is_image = torch.tensor(full[start:], device=device) == IMAGE_TOKEN_ID
+                x[i, : lens[i]][is_image] = row_feats.to(x.dtype)
         starts = torch.tensor([start for _, _, start in rows], device=device)
         positions = starts[:, None] + torch.arange(t, device=device)
         mask = None
