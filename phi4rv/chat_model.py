@@ -24,7 +24,7 @@ from phi4rv.generation.grammar import Grammar
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import Grounding, encode_chat, ground, grounding_prompt
-from phi4rv.processing.image import ImageProcessorConfig, ImageSource, image_size, process_image
+from phi4rv.processing.image import ImageProcessorConfig, ImageSource, PatchCache, image_size, process_image
 from phi4rv.processing.reasoning import MODES, CompletionSplitter, Delta, parse_completion
 from phi4rv.processing.tokenizer import Tokenizer
 
@@ -122,6 +122,7 @@ class ChatModel:
         mode: str,
         details: Sequence[str | None] | None = None,
         special_tokens: bool = False,
+        patch_cache: PatchCache | None = None,
     ) -> tuple[Request, dict]:
         """Messages (string contents with `<image>` tags, or OpenAI parts) and their images ->
         a generation request; `details` gives each image's OpenAI detail (low / high / auto).
@@ -133,8 +134,9 @@ class ChatModel:
         if enc.num_images != len(images):
             raise ValueError(f"the prompt has {enc.num_images} <image> tag(s) but {len(images)} image(s) were given")
         details = list(details) if details is not None else [None] * len(images)
+        process = patch_cache.process if patch_cache is not None else process_image
         patches = [
-            process_image(im, replace(self.image_cfg, max_num_patches=self.patch_budget(d)))
+            process(im, replace(self.image_cfg, max_num_patches=self.patch_budget(d)))
             for im, d in zip(images, details, strict=True)
         ]
         image_tokens = sum(p.grid[0] * p.grid[1] for p in patches)

@@ -7,12 +7,15 @@ float32, normalise in float32, cut into row-major patches flattened as (row, col
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -233,3 +236,36 @@ def process_image(image: ImageSource, cfg: ImageProcessorConfig) -> ImagePatches
 
 def process_images(images: Sequence[ImageSource], cfg: ImageProcessorConfig) -> list[ImagePatches]:
     return [process_image(im, cfg) for im in images]
+
+
+class PatchCache:
+    """Processed images by content: the same encoded bytes under the same settings are decoded and
+    resized once (an API client resends a conversation's images with every turn). Least recently
+    used out first, within `max_bytes` of patches; shared by threads."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.entries: OrderedDict[tuple, ImagePatches] = OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.lookups = 0
+
+    def process(self, source: ImageSource, cfg: ImageProcessorConfig) -> ImagePatches:
+        if not isinstance(source, (bytes, bytearray)):  # a file or a caller's image may change: not cached
+            return process_image(source, cfg)
+        key = (hashlib.blake2b(source, digest_size=16).digest(), astuple(cfg))
+        with self.lock:
+            self.lookups += 1
+            if key in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        patches = process_image(source, cfg)
+        size = patches.pixels.numel() * patches.pixels.element_size()
+        with self.lock:
+            if size <= self.max_bytes and key not in self.entries:
+                while self.nbytes + size > self.max_bytes:
+                    _, old = self.entries.popitem(last=False)
+                    self.nbytes -= old.pixels.numel() * old.pixels.element_size()
+                self.entries[key] = patches
+                self.nbytes += size
+        return patches

@@ -33,7 +33,7 @@ from phi4rv.generation.generate import GenerationParams, TokenEvent
 from phi4rv.generation.grammar import JSON_OBJECT_SCHEMA, Grammar, GrammarError
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.chat import ground
-from phi4rv.processing.image import ImageError, image_size
+from phi4rv.processing.image import ImageError, PatchCache, image_size
 from phi4rv.processing.reasoning import CompletionSplitter, parse_completion
 from phi4rv.serve import protocol as P
 from phi4rv.serve import tools
@@ -58,6 +58,7 @@ class ServeSettings:
     image_timeout: float = 30.0  # seconds for all of a request's image work (fetch, decode, resize)
     allow_special_tokens: bool = False  # text in messages may spell control tokens (off: encoded as text)
     prefix_cache_bytes: int = 256 * 2**20
+    image_cache_bytes: int = 256 * 2**20
 
 
 class APIError(Exception):
@@ -67,7 +68,7 @@ class APIError(Exception):
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, image_cache: PatchCache | None = None):
         r = self.registry = CollectorRegistry()
         self.requests = Counter("phi4rv_requests", "Chat completion requests by outcome", ["status"], registry=r)
         self.errors = Counter("phi4rv_request_errors", "Failed requests by error type", ["type"], registry=r)
@@ -88,6 +89,10 @@ class Metrics:
             lambda: prefixes.hits / prefixes.lookups if prefixes is not None and prefixes.lookups else 0.0)
         Gauge("phi4rv_prefix_cache_bytes", "Bytes held by the prefix cache", registry=r).set_function(
             lambda: prefixes.nbytes if prefixes is not None else 0)
+        Gauge("phi4rv_image_cache_hit_rate", "Images whose patches came from the image cache", registry=r).set_function(
+            lambda: image_cache.hits / image_cache.lookups if image_cache is not None and image_cache.lookups else 0.0)
+        Gauge("phi4rv_image_cache_bytes", "Bytes of patches held by the image cache", registry=r).set_function(
+            lambda: image_cache.nbytes if image_cache is not None else 0)
 
     def token(self) -> None:
         self.tokens.inc()
@@ -239,7 +244,8 @@ async def _answer(send, status: int, obj: dict) -> None:
 def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
     engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue,
                     prefix_cache_bytes=settings.prefix_cache_bytes)
-    metrics = Metrics(engine)
+    image_cache = PatchCache(settings.image_cache_bytes) if settings.image_cache_bytes > 0 else None
+    metrics = Metrics(engine, image_cache)
     engine.on_step = metrics.batch.observe
 
     to_loop: ToLoop | None = None
@@ -310,7 +316,7 @@ def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
         def prepare():
             images = _load_images(job.urls, settings)
             prepared, info = cm.prepare(job.messages, images, job.mode, job.details,
-                                        special_tokens=settings.allow_special_tokens)
+                                        special_tokens=settings.allow_special_tokens, patch_cache=image_cache)
             grammar = Grammar.from_schema(job.schema, cm.tokenizer) if job.schema is not None else None
             return prepared, info, grammar
 

@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         image_timeout=args.image_timeout,
         allow_special_tokens=args.allow_special_tokens,
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        image_cache_bytes=int(args.image_cache_mb * 2**20),
     )
     app = create_app(cm, settings)
     engine = app.state.engine
@@ -64,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--allow-special-tokens", action="store_true",
                    help="let message text spell control tokens (default: encoded as plain text)")
     s.add_argument("--prefix-cache-mb", type=float, default=256, help="KV of shared prompt prefixes (0 = off)")
+    s.add_argument("--image-cache-mb", type=float, default=256,
+                   help="processed images kept by content, for images sent again (0 = off)")
     s.add_argument("--max-num-patches", type=int, default=None,
                    help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES))
