@@ -1,10 +1,12 @@
 import io
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from phi4rv.processing.image import (
@@ -337,3 +339,22 @@ def test_pixel_limit_checked_before_decoding(tmp_path):
         load_image(_png_claiming(20000, 20000))
     with Image.open(path) as im, pytest.raises(ImageError, match="image too large"):
         load_image(im, max_pixels=1000)  # an opened, not yet decoded PIL image
+
+
+def test_patch_cache_processes_the_same_bytes_once_per_setting(tmp_path):
+    from phi4rv.processing.image import PatchCache
+
+    data = [_encode(_rand_image(64, 48, seed=i), "PNG") for i in range(3)]
+    cfg = ImageProcessorConfig(min_num_patches=1, max_num_patches=16)
+    size = process_image(data[0], cfg).pixels.numel() * 4
+    cache = PatchCache(max_bytes=2 * size)
+    first = cache.process(data[0], cfg)
+    assert torch.equal(first.pixels, process_image(data[0], cfg).pixels) and first.grid == process_image(data[0], cfg).grid
+    assert cache.process(bytes(data[0]), cfg) is first and (cache.hits, cache.lookups) == (1, 2)
+    assert cache.process(data[0], replace(cfg, max_num_patches=8)) is not first  # another budget: processed anew
+    cache.process(data[1], cfg)  # over the byte budget: the least recently used entry goes
+    assert cache.nbytes <= cache.max_bytes and len(cache.entries) == 2
+    assert cache.process(data[0], cfg) is not first
+    path = tmp_path / "a.png"
+    path.write_bytes(data[2])
+    assert cache.process(path, cfg) is not cache.process(path, cfg)  # a file can change: never cached

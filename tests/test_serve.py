@@ -291,6 +291,22 @@ def test_metrics(server):
         assert name in text
 
 
+
+def test_an_image_sent_again_comes_from_the_image_cache(server):
+    img = Image.new("RGB", (90, 70), (17, 99, 201))  # a colour no other test sends
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "?"}]}]
+    seen, answers = [], []
+    for _ in range(2):
+        r = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
+        answers.append(r.choices[0].message.content)
+        seen.append(_samples(httpx.get(server.url + "/metrics").text))
+    assert answers[0] == answers[1]
+    assert seen[1]["phi4rv_image_cache_bytes"] == seen[0]["phi4rv_image_cache_bytes"] > 0  # stored once
+    assert seen[1]["phi4rv_image_cache_hit_rate"] > seen[0]["phi4rv_image_cache_hit_rate"]  # then found
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**7) | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                     max_leaves=8)
