@@ -283,24 +283,26 @@ def image_hash(im: ImagePatches) -> bytes:
 
 
 class PrefixStore:
-    """Keys/values of prompt prefixes, reused by later prompts that start the same way.
+    """Keys/values of prompt prefixes, reused by later prompts that start the same way, and the
+    vision features of the images in them.
 
     A prompt is cut into blocks of `block` positions; a block's key hashes its ids, the content of
     the images whose patches it holds and the key of the block before it, so two prompts share a
     block only if everything up to it is the same (the same placeholder ids with other images
-    never match). Entries are kept least-recently-used first, within `max_bytes`.
+    never match). An image's features are keyed by its content alone: a prompt that shares the
+    image but not all the text before its end (the same image, another question) reuses them.
+    Entries are kept least-recently-used first, within `max_bytes`.
     """
 
     def __init__(self, max_bytes: int, block: int = 32):
         self.max_bytes, self.block = max_bytes, block
-        self.entries: OrderedDict[bytes, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.entries: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()  # KV block: keys then values per layer
         self.nbytes = 0
         self.hits = self.lookups = 0  # prompt positions served from the store / looked up
 
-    def keys(self, ids: list[int], images: list[ImagePatches]) -> list[bytes]:
+    def keys(self, ids: list[int], images: list[ImagePatches], hashes: list[bytes]) -> list[bytes]:
         """One key per whole block of the expanded prompt, except a block holding its last position
         (that one must be computed: its logits pick the first token)."""
-        hashes = [image_hash(im) for im in images]
         owner: list[int] = []  # image index per position (-1 for text)
         k = 0
         for t in ids:
@@ -333,25 +335,38 @@ class PrefixStore:
 
     def get(self, keys: list[bytes]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         blocks = [self.entries[key] for key in keys]
-        layers = len(blocks[0][0])
-        return ([torch.cat([b[0][i] for b in blocks], dim=1) for i in range(layers)],
-                [torch.cat([b[1][i] for b in blocks], dim=1) for i in range(layers)])
+        layers = len(blocks[0]) // 2
+        return ([torch.cat([b[i] for b in blocks], dim=1) for i in range(layers)],
+                [torch.cat([b[layers + i] for b in blocks], dim=1) for i in range(layers)])
 
     def put(self, keys: list[bytes], cache: SlotCache, slot: int) -> None:
         for j, key in enumerate(keys):
-            if key in self.entries:
-                continue
-            a, b = j * self.block, (j + 1) * self.block
-            k = [t[slot, :, a:b].clone() for t in cache.k]
-            v = [t[slot, :, a:b].clone() for t in cache.v]
-            size = sum(x.numel() * x.element_size() for x in k + v)
-            if size > self.max_bytes:
-                return
-            while self.nbytes + size > self.max_bytes:
-                _, (ok, ov) = self.entries.popitem(last=False)
-                self.nbytes -= sum(x.numel() * x.element_size() for x in ok + ov)
-            self.entries[key] = (k, v)
-            self.nbytes += size
+            if key not in self.entries:
+                a, b = j * self.block, (j + 1) * self.block
+                self._add(key, [t[slot, :, a:b].clone() for t in cache.k + cache.v])
+
+    def features(self, image: bytes) -> torch.Tensor | None:
+        """The stored vision features of the image with this content hash, if any."""
+        key = b"image:" + image
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
+
+    def put_features(self, image: bytes, feats: torch.Tensor) -> None:
+        key = b"image:" + image
+        if key not in self.entries:
+            self._add(key, [feats.clone()])
+
+    def _add(self, key: bytes, value: list[torch.Tensor]) -> None:
+        size = sum(x.numel() * x.element_size() for x in value)
+        if size > self.max_bytes:
+            return
+        while self.nbytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= sum(x.numel() * x.element_size() for x in old)
+        self.entries[key] = value
+        self.nbytes += size
 
 
 class Core:
@@ -394,15 +409,17 @@ class Core:
                 s.constraint = s.params.grammar.start()
                 s.state.answer_reserve = s.params.grammar.distance(s.constraint.guide.get_state()) + 1
 
-        # Stored prefixes first: an image whose every position is in a reused prefix is not encoded.
+        # Stored prefixes first: an image whose every position is in a reused prefix is not encoded,
+        # nor one whose features are stored.
         t0 = time.perf_counter()
-        rows, keys = [], []
+        rows, keys, hashes = [], [], []
         for s in seqs:
             grids = [im.grid for im in s.request.images]
             full = expand_image_tokens(s.request.input_ids, grids)
-            start, row_keys = 0, []
+            start, row_keys, row_hashes = 0, [], [None] * len(grids)
             if self.prefixes is not None:
-                row_keys = self.prefixes.keys(s.request.input_ids, s.request.images)
+                row_hashes = [image_hash(im) for im in s.request.images]
+                row_keys = self.prefixes.keys(s.request.input_ids, s.request.images, row_hashes)
                 hit = self.prefixes.longest(row_keys)
                 if model.cfg.image_bidirectional_attention:  # a reused prefix may not cut an image
                     while hit and full[hit * self.prefixes.block - 1] == IMAGE_TOKEN_ID \
@@ -415,23 +432,35 @@ class Core:
                     self.prefixes.hits += start
             rows.append((full, start, image_spans(s.request.input_ids, grids)))
             keys.append(row_keys)
+            hashes.append(row_hashes)
         self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        needed = [im for s, (_, start, spans) in zip(seqs, rows) for im, (_, end) in zip(s.request.images, spans) if end > start]
-        feats = None
-        if needed:
-            feats = model.encode_images(torch.cat([im.pixels for im in needed]).to(device), [im.grid for im in needed])
+        feats: list[list[torch.Tensor | None]] = []  # per row, per image with positions from `start` on
+        missing: list[tuple[int, int, ImagePatches, bytes | None]] = []  # (row, index in feats[row], image, hash)
+        for i, (s, (_, start, spans)) in enumerate(zip(seqs, rows)):
+            feats.append([])
+            for im, h, (_, end) in zip(s.request.images, hashes[i], spans):
+                if end > start:
+                    stored = self.prefixes.features(h) if h is not None else None
+                    if stored is None:
+                        missing.append((i, len(feats[i]), im, h))
+                    feats[i].append(stored)
+        if missing:
+            images = [im for _, _, im, _ in missing]
+            new = model.encode_images(torch.cat([im.pixels for im in images]).to(device), [im.grid for im in images])
+            for (i, j, _, h), f in zip(missing, new.split([im.pixels.shape[0] for im in images])):
+                feats[i][j] = f
+                if h is not None:
+                    self.prefixes.put_features(h, f)
         _sync(device)
         self.timing["vision"] = self.timing.get("vision", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ids, offset = [], 0
-        for full, start, spans in rows:
-            n = sum(end - begin for begin, end in spans if end > start)  # positions of the encoded images
+        ids = []
+        for (full, start, spans), row_feats in zip(rows, feats):
             skip = sum(start - begin for begin, end in spans if begin < start < end)  # the cached part of one cut
-            ids.append((full, feats[offset + skip : offset + n] if n else None, start))
-            offset += n
+            ids.append((full, torch.cat(row_feats)[skip:] if row_feats else None, start))
         logits = self._prefill(seqs, ids)
         _sync(device)
         self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
