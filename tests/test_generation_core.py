@@ -11,7 +11,18 @@ from engine_runs import run_engine
 from torch import nn
 
 from phi4rv.chat_model import ChatModel
-from phi4rv.generation.core import FORCED_CLOSE, Core, GenerationParams, PrefixStore, Request, Sequence, SequenceState, image_hash, image_spans, pick
+from phi4rv.generation.core import (
+    FORCED_CLOSE,
+    Core,
+    GenerationParams,
+    PrefixStore,
+    Request,
+    Sequence,
+    SequenceState,
+    image_hash,
+    image_spans,
+    pick,
+)
 from phi4rv.generation.generate import generate
 from phi4rv.generation.sampling import SamplingParams
 from phi4rv.processing.image import ImagePatches, process_image
