@@ -8,6 +8,7 @@ so peak memory stays near the size of the weights. Pickled formats are refused.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,7 +25,15 @@ from torch import nn
 from phi4rv.config import Phi4RVConfig
 from phi4rv.model import Phi4RV
 from phi4rv.model.decoder import RMSNorm
-from phi4rv.model.quant import check_mode, quantize_modules, quantized_name
+from phi4rv.model.quant import (
+    QuantLinear,
+    check_mode,
+    load_stored,
+    quantize_modules,
+    quantized_name,
+    stored_layout,
+    stored_tensors,
+)
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # (ours, release) prefix pairs; the first match wins in either direction.
@@ -101,8 +110,9 @@ ST_DTYPES = {
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 # What loading may hold beyond the loaded weights and one tensor as stored: quantization reads and
 # works on 1024 rows at a time (stored, fp32 and int32 temporaries: ~1024 * 17920 * 20 bytes = 367 MB
-# at the 15B's widths, for down_proj).
-LOAD_ALLOWANCE_BYTES = 400 * 2**20
+# at the 15B's widths, for down_proj), and int4 holds a layer's nibbles before packing them (46 MB).
+LOAD_ALLOWANCE_BYTES = 450 * 2**20
+QUANTIZATION_KEY = "quantization_config"  # config.json of a folder written by `save_quantized`
 
 
 @dataclass
@@ -236,11 +246,15 @@ def _check_memory(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, d
 def stored_parameters(path: Path, model: nn.Module) -> dict[str, StoredTensor]:
     """Where each of `model`'s parameters is stored in the checkpoint folder `path` (by parameter
     name), checked against the model's shapes: one-line errors for unexpected, missing or
-    misshapen weights."""
+    misshapen weights. The quantized layers of a model built for a pre-quantized folder expect
+    the tensors of `stored_layout` instead of a weight."""
     stored: dict[str, StoredTensor] = {}
     for file in weight_files(path):
         stored.update(read_header(file))
-    expected = dict(model.named_parameters())
+    expected = {name: (tuple(p.shape), None) for name, p in model.named_parameters()}
+    for module_name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            expected.update({f"{module_name}.{leaf}": want for leaf, want in stored_layout(m).items()})
     found, unexpected = {}, []
     for key, st in stored.items():
         name = from_release_name(key)
@@ -249,9 +263,11 @@ def stored_parameters(path: Path, model: nn.Module) -> dict[str, StoredTensor]:
         if name not in expected:
             unexpected.append(key)
             continue
-        want = tuple(expected[name].shape)
+        want, dtype = expected[name]
         if st.shape != want:
             raise CheckpointError(f"{st.file.name}: {key} has shape {list(st.shape)}, config expects {list(want)}")
+        if dtype is not None and st.dtype != dtype and not (dtype.is_floating_point and st.dtype.is_floating_point):
+            raise CheckpointError(f"{st.file.name}: {key} is stored as {st.dtype}, expected {dtype}")
         found[name] = st
     if unexpected:
         raise CheckpointError(f"{path}: unexpected weights: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
@@ -294,8 +310,15 @@ def load_model(
     cfg = config or Phi4RVConfig.load(path)
     with torch.device("meta"):
         model = Phi4RV(cfg)
+    saved = cfg.raw.get(QUANTIZATION_KEY)
+    if saved is not None:  # a folder written by `phi4rv quantize`: its layers are built quantized
+        if quantize not in (None, saved["mode"]):
+            raise CheckpointError(f"{path} is quantized to {saved['mode']}; it cannot be loaded with --quantize {quantize}")
+        quantize, quantize_vision = saved["mode"], saved["vision"]
+        dtype = dtype or DTYPES[saved["dtype"]]
+        quantize_modules(model, quantize, dtype, vision=quantize_vision)
     stored = stored_parameters(path, model)
-    if quantize:
+    if quantize and saved is None:
         compute = dtype or stored["decoder.embed_tokens.weight"].dtype
         if not compute.is_floating_point:
             raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
@@ -307,6 +330,7 @@ def load_model(
     by_file: dict[Path, list[str]] = {}
     for name, st in stored.items():
         by_file.setdefault(st.file, []).append(name)
+    pending: dict[nn.Module, dict[str, torch.Tensor]] = {}  # saved quantized tensors, until a layer has all
     for file, file_names in by_file.items():
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -314,7 +338,12 @@ def load_model(
                 st = stored[name]
                 target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
                 owner = quantized_name(model, name)
-                if owner is not None and owner[1] == "weight":
+                if owner is not None and owner[1] in stored_layout(owner[0]):
+                    got = pending.setdefault(owner[0], {})
+                    got[owner[1]] = read_tensor(st, fd)
+                    if len(got) == len(stored_layout(owner[0])):
+                        load_stored(owner[0], pending.pop(owner[0]), device)
+                elif owner is not None and owner[1] == "weight":
                     owner[0].set_weight(StoredRows(st, fd), device)
                 elif owner is not None:  # a quantized layer's bias
                     owner[0].bias = nn.Parameter(read_tensor(st, fd).to(device=device, dtype=target), requires_grad=False)
@@ -480,6 +509,93 @@ def init_checkpoint(
     return save_checkpoint(model, out, tokenizer=tokenizer, dtype=dtype, write_weights=write)
 
 
+def save_quantized(source: str | Path, out: str | Path, mode: str, vision: bool = False,
+                   dtype: torch.dtype | str | None = None, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """A pre-quantized folder from the checkpoint `source`, with the values `load_model(source,
+    quantize=mode)` would compute: `source`'s files other than the weights, copied as they are,
+    config.json with a `quantization_config` entry, and safetensors shards in the release's names
+    where each quantized layer holds `stored_layout`'s tensors instead of its weight. Streamed: one
+    layer in memory at a time, never the model."""
+    source = Path(source)
+    mode = check_mode(mode)
+    if mode is None:
+        raise ValueError("choose a quantization mode: int8 or int4")
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    cfg = Phi4RVConfig.load(source)
+    if cfg.raw.get(QUANTIZATION_KEY) is not None:
+        raise CheckpointError(f"{source} is already quantized ({cfg.raw[QUANTIZATION_KEY]['mode']})")
+    with torch.device("meta"):
+        model = Phi4RV(cfg)
+    stored = stored_parameters(source, model)
+    dtype = dtype or stored["decoder.embed_tokens.weight"].dtype
+    quantize_modules(model, mode, dtype, vision=vision)
+    fds: dict[Path, int] = {}
+
+    def layer_tensors(layer: nn.Module, st: StoredTensor):
+        made: dict[str, torch.Tensor] = {}
+
+        def get(leaf: str) -> torch.Tensor:  # the layer is quantized once, when its first tensor is written
+            if not made:
+                made.update(stored_tensors(layer, StoredRows(st, fds[st.file])))
+            return made.pop(leaf)
+        return get
+
+    specs, getters = [], []
+    for name, st in sorted(stored.items(), key=lambda kv: (str(kv[1].file), kv[1].start)):
+        owner = quantized_name(model, name)
+        if owner is not None and owner[1] == "weight":
+            get = layer_tensors(owner[0], st)
+            for leaf, (shape, dt) in stored_layout(owner[0]).items():
+                specs.append((to_release_name(f"{name.rpartition('.')[0]}.{leaf}"), torch.Size(shape), dt))
+                getters.append(functools.partial(get, leaf))
+        else:
+            target = dtype if st.dtype.is_floating_point else st.dtype
+            specs.append((to_release_name(name), torch.Size(st.shape), target))
+            getters.append(lambda st=st, target=target: read_tensor(st, fds[st.file]).to(target))
+
+    def fill(tmp: Path) -> None:
+        for f in source.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copyfile(f, tmp / f.name)
+        config = json.loads((source / "config.json").read_text())
+        config[QUANTIZATION_KEY] = {"quant_method": "phi4rv", "mode": mode, "vision": vision,
+                                    "dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_streamed_weights(tmp, specs, (get() for get in getters), max_shard_bytes)
+
+    fds.update({file: os.open(file, os.O_RDONLY) for file in {st.file for st in stored.values()}})
+    try:
+        return _write_folder(out, fill)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _write_folder(out: str | Path, fill) -> Path:
+    """`fill(tmp)` writes a folder beside `out` that then replaces it: a crash leaves any previous one intact."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the saved folder private
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_checkpoint(
     model: Phi4RV,
     out: str | Path,
@@ -494,28 +610,12 @@ def save_checkpoint(
     `write_weights(folder)`, if given, writes the weights instead of `save_weights` (used by
     `init_checkpoint` to stream random weights for a meta-device model).
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the saved folder private
-    try:
+    def fill(tmp: Path) -> None:
         weights_dtype = dtype or next(t.dtype for t in model.state_dict().values() if t.is_floating_point())
         write_metadata(model.cfg, tmp, tokenizer, generation_config, weights_dtype)
         if write_weights is not None:
             write_weights(tmp)
         else:
             save_weights(model, tmp, max_shard_bytes, dtype)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return _write_folder(out, fill)

@@ -32,6 +32,19 @@ def cmd_init(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: preset {args.preset}, {n / 1e6:.1f}M parameters, {args.dtype}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import time
+
+    from phi4rv.checkpoint import save_quantized
+
+    t0 = time.perf_counter()
+    out = save_quantized(args.model, args.out, args.mode, vision=args.vision, dtype=args.dtype)
+    files = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {out}: {args.mode}{' (vision too)' if args.vision else ''}, {size / 1e9:.2f} GB in "
+          f"{len(files)} shard(s), {time.perf_counter() - t0:.0f} s; load it as any checkpoint (no --quantize needed)")
+
+
 def parameter_counts(cfg: Phi4RVConfig) -> dict[str, int]:
     """Parameter counts per part, computed on the meta device (nothing is allocated)."""
     from phi4rv.model import Phi4RV
@@ -177,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", default="float32", choices=list(DTYPES))
     s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("quantize", help="write a pre-quantized copy of a checkpoint (loads faster, smaller on disk)")
+    s.add_argument("model", type=Path, help="checkpoint folder")
+    s.add_argument("--out", required=True, type=Path)
+    s.add_argument("--mode", required=True, metavar="int8|int4", help="as --quantize at load time")
+    s.add_argument("--vision", action="store_true", help="quantize the vision tower and projector too")
+    s.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype (default: as stored)")
+    s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("info", help="shapes and parameter counts (computed without allocating weights)")
     g = s.add_mutually_exclusive_group(required=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi4rv.checkpoint import CheckpointError, _check_memory, load_model, save_checkpoint
+from phi4rv.checkpoint import CheckpointError, _check_memory, load_model, save_checkpoint, save_quantized
 from phi4rv.config import preset
 from phi4rv.model import Phi4RV
 from phi4rv.model.quant import Int4Linear, Int8Linear
@@ -120,6 +120,36 @@ def test_int8_greedy_equals_fp32_and_int4_drift_is_bounded(trained_ckpt):
     agree = (lp_q.argmax(-1) == lp_ref.argmax(-1)).float().mean()
     assert kl.mean() < INT4_MEAN_KL, kl.mean()
     assert agree >= INT4_TOP1_AGREEMENT, agree
+
+
+@pytest.mark.parametrize("mode, vision", [("int8", True), ("int4", False), ("int4", True)])
+def test_a_prequantized_folder_loads_what_quantizing_at_load_gives(trained_ckpt, tmp_path, mode, vision):
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "phi4rv", "quantize", str(trained_ckpt), "--out", str(out), "--mode", mode]
+    r = subprocess.run(cmd + (["--vision"] if vision else []), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved == {"quant_method": "phi4rv", "mode": mode, "vision": vision, "dtype": "float32"}
+    for f in trained_ckpt.iterdir():  # the files around the weights, as they were
+        if f.name != "config.json" and "safetensors" not in f.name:
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    direct = load_model(trained_ckpt, quantize=mode, quantize_vision=vision)
+    loaded = load_model(out)
+    assert type(loaded.decoder.layers[0].mlp.down_proj) is type(direct.decoder.layers[0].mlp.down_proj)
+    assert isinstance(loaded.vision.encoder.layers[0].mlp.fc1, (Int8Linear, Int4Linear) if vision else torch.nn.Linear)
+    want, got = direct.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert torch.equal(loaded(ids), direct(ids))
+    on_disk = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert on_disk(out) < on_disk(trained_ckpt)
+    assert load_model(out, quantize=mode) is not None  # naming its own mode is allowed
+    other = "int8" if mode == "int4" else "int4"
+    with pytest.raises(CheckpointError, match=f"quantized to {mode}; it cannot be loaded with --quantize {other}"):
+        load_model(out, quantize=other)
+    with pytest.raises(CheckpointError, match="already quantized"):
+        save_quantized(out, tmp_path / "again", mode)
 
 
 def test_unknown_quantize_value_is_one_line(tiny_ckpt):

@@ -67,8 +67,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
+    @staticmethod
     @torch.no_grad()
-    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
+    def quantize(w: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `w` (anything sliceable by rows) -> (q int8 [out, in], fp32 scale per row)."""
         q = torch.empty(w.shape, dtype=torch.int8, device=device)
         scales = torch.empty(w.shape[0], dtype=torch.float32, device=device)
         for r in range(0, w.shape[0], _ROWS_PER_CHUNK):
@@ -76,8 +78,15 @@ class Int8Linear(nn.Module):
             s = chunk.abs().amax(dim=1).clamp(min=1e-8) / 127.0
             q[r : r + _ROWS_PER_CHUNK] = torch.round(chunk / s[:, None]).clamp(-127, 127).to(torch.int8)
             scales[r : r + _ROWS_PER_CHUNK] = s
-        self.qweight = q
-        self.scales = scales.to(self.compute_dtype)
+        return q, scales
+
+    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
+        q, scales = self.quantize(w, device)
+        self.set_quantized(q, scales, device)
+
+    def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, device: torch.device | str) -> None:
+        self.qweight = q.to(device)
+        self.scales = scales.to(device=device, dtype=self.compute_dtype)
 
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(self.compute_dtype) * self.scales[:, None]
@@ -127,27 +136,38 @@ class Int4Linear(nn.Module):
         q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         return q.view(n, k), scale, lo
 
+    @classmethod
     @torch.no_grad()
-    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
-        device = torch.device(device)
+    def quantize(cls, w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `w` (anything sliceable by rows) -> (nibbles uint8 [out, in/2]: byte j of row r is
+        q[r, 2j] << 4 | q[r, 2j+1]; fp32 scales_and_zeros [in/group, out, 2]), a block of rows at a time."""
         n, k = w.shape
-        cpu = device.type == "cpu"
-        # CPU: the kernel's layout packs rows independently, so chunks go straight in. CUDA: plain
-        # nibbles first, converted to its tiled layout in one call on the device.
-        packed = torch.empty(n, k // 2, dtype=torch.uint8, device=device if cpu else "cpu")
-        sz = torch.empty(k // self.group, n, 2, dtype=torch.float32)
+        nibbles = torch.empty(n, k // 2, dtype=torch.uint8)
+        sz = torch.empty(k // group, n, 2, dtype=torch.float32)
         for r in range(0, n, _ROWS_PER_CHUNK):
             rows = slice(r, min(r + _ROWS_PER_CHUNK, n))
-            q, scale, lo = self.quantize_rows(w[rows].to(device="cpu" if not cpu else device, dtype=torch.float32), self.group)
+            q, scale, lo = cls.quantize_rows(w[rows].to(device="cpu", dtype=torch.float32), group)
             sz[:, rows, 0], sz[:, rows, 1] = scale.T, (lo + 8 * scale).T
-            if cpu:
-                packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            else:
-                packed[rows] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
-        if not cpu:
-            packed = torch.ops.aten._convert_weight_to_int4pack(packed.to(device), 8)
+            nibbles[rows] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        return nibbles, sz
+
+    def set_weight(self, w: torch.Tensor, device: torch.device | str) -> None:
+        self.set_quantized(*self.quantize(w, self.group), device)
+
+    @torch.no_grad()
+    def set_quantized(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, device: torch.device | str) -> None:
+        """From `quantize`'s layout to the kernel's own for `device` (CPU: a block of rows at a time)."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
+            for r in range(0, self.out_features, _ROWS_PER_CHUNK):
+                b = nibbles[r : r + _ROWS_PER_CHUNK]
+                q = torch.stack([b >> 4, b & 15], dim=2).view(b.shape[0], self.in_features).to(torch.int32)
+                packed[r : r + _ROWS_PER_CHUNK] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), 8)
         self.packed = packed
-        self.scales_and_zeros = sz.to(device=device, dtype=self.compute_dtype)
+        self.scales_and_zeros = scales_and_zeros.to(device=device, dtype=self.compute_dtype)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
@@ -270,6 +290,31 @@ def _wanted(name: str, vision: bool) -> bool:
         return True  # the blocks' linears and lm_head (embed_tokens is an Embedding)
     # the patch embedding stays: its width is the input's (768), and the encoder reads its dtype
     return vision and name.startswith(("vision.", "projector.")) and not name.endswith("patch_embedding")
+
+
+def stored_layout(layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a pre-quantized folder holds for a quantized layer in place of its weight: leaf -> (shape, dtype)."""
+    n, k = layer.out_features, layer.in_features
+    if isinstance(layer, Int8Linear):
+        return {"qweight": ((n, k), torch.int8), "scales": ((n,), layer.compute_dtype)}
+    return {"nibbles": ((n, k // 2), torch.uint8), "scales_and_zeros": ((k // layer.group, n, 2), layer.compute_dtype)}
+
+
+def stored_tensors(layer: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`stored_layout`'s tensors for `layer` (meta or not) from its full-precision weight `w`."""
+    if isinstance(layer, Int8Linear):
+        q, scales = Int8Linear.quantize(w)
+        return {"qweight": q, "scales": scales.to(layer.compute_dtype)}
+    nibbles, sz = Int4Linear.quantize(w, layer.group)
+    return {"nibbles": nibbles, "scales_and_zeros": sz.to(layer.compute_dtype)}
+
+
+def load_stored(layer: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str) -> None:
+    """Fill a quantized layer from `stored_tensors`' output."""
+    if isinstance(layer, Int8Linear):
+        layer.set_quantized(tensors["qweight"], tensors["scales"], device)
+    else:
+        layer.set_quantized(tensors["nibbles"], tensors["scales_and_zeros"], device)
 
 
 def quantized_name(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
