@@ -1,4 +1,4 @@
-"""The `phi4rv` command. init, info and chat are here; serve, train, eval, data and recipe
+"""The `phi4rv` command. init, info, quantize and chat are here; serve, train, eval, data and recipe
 register themselves (`register(sub)` in their package's cli.py)."""
 
 from __future__ import annotations

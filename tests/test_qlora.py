@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from phi4rv.chat_model import ChatModel
-from phi4rv.checkpoint import load_model, save_checkpoint
+from phi4rv.checkpoint import CheckpointError, load_model, save_checkpoint, save_quantized
 from phi4rv.config import preset
 from phi4rv.lora import QLoRALinear, apply_lora, export_merged, merge_lora
 from phi4rv.model import Phi4RV, quant
@@ -196,6 +196,14 @@ def test_quantized_base_needs_a_lora_stage(qlora_setup, tmp_path):
     cfg["model"]["quantize"] = "nf4"
     with pytest.raises(ConfigError, match="model.quantize must be int8 or int4"):
         load_config(None, base=cfg)
+
+
+def test_training_refuses_a_prequantized_folder_in_one_line(qlora_setup, tmp_path):
+    root, toy, base = qlora_setup
+    folder = save_quantized(base, tmp_path / "q", "int8")
+    cfg = qlora_cfg(tmp_path / "run", toy, folder, "int8")
+    with pytest.raises(CheckpointError, match="written by `phi4rv quantize`: train from the checkpoint it came from"):
+        loop.run(load_config(None, base=cfg))
 
 
 def test_plan_counts_a_quantized_15b_base_at_its_bytes_per_weight(qlora_setup, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from phi4rv.checkpoint import DTYPES, StoredRows, load_model, stored_parameters
+from phi4rv.checkpoint import DTYPES, QUANTIZATION_KEY, CheckpointError, StoredRows, load_model, stored_parameters
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
 from phi4rv.model.decoder import RMSNorm
@@ -58,7 +58,11 @@ def model_config(cfg: TrainConfig, source: Path | None, tokenizer: Tokenizer) ->
     if source is not None:
         return Phi4RVConfig.load(source)
     if cfg.model.checkpoint:
-        return apply_overrides(Phi4RVConfig.load(cfg.model.checkpoint), cfg.model.overrides)
+        mc = Phi4RVConfig.load(cfg.model.checkpoint)
+        if mc.raw.get(QUANTIZATION_KEY) is not None:
+            raise CheckpointError(f"{cfg.model.checkpoint} was written by `phi4rv quantize`: train from the checkpoint "
+                                  "it came from (model.quantize quantizes the frozen base for QLoRA)")
+        return apply_overrides(mc, cfg.model.overrides)
     mc = preset(cfg.model.preset)
     mc.decoder.vocab_size = tokenizer.vocab_size
     mc.bos_token_id, mc.eos_token_id, mc.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
