@@ -340,7 +340,9 @@ def load_model(
                 owner = quantized_name(model, name)
                 if owner is not None and owner[1] in stored_layout(owner[0]):
                     got = pending.setdefault(owner[0], {})
-                    got[owner[1]] = read_tensor(st, fd)
+                    last = len(got) + 1 == len(stored_layout(owner[0]))
+                    # int4 nibbles read last are unpacked a block of rows at a time, never whole
+                    got[owner[1]] = StoredRows(st, fd) if last and owner[1] == "nibbles" else read_tensor(st, fd)
                     if len(got) == len(stored_layout(owner[0])):
                         load_stored(owner[0], pending.pop(owner[0]), device)
                 elif owner is not None and owner[1] == "weight":

@@ -156,7 +156,8 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def set_quantized(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, device: torch.device | str) -> None:
-        """From `quantize`'s layout to the kernel's own for `device` (CPU: a block of rows at a time)."""
+        """From `quantize`'s layout to the kernel's own for `device` (CPU: a block of rows at a time;
+        `nibbles` may be anything sliceable by rows, such as `StoredRows`)."""
         device = torch.device(device)
         if device.type == "cpu":
             packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
@@ -165,7 +166,7 @@ class Int4Linear(nn.Module):
                 q = torch.stack([b >> 4, b & 15], dim=2).view(b.shape[0], self.in_features).to(torch.int32)
                 packed[r : r + _ROWS_PER_CHUNK] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles.to(device), 8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(nibbles[:].to(device), 8)
         self.packed = packed
         self.scales_and_zeros = scales_and_zeros.to(device=device, dtype=self.compute_dtype)
 
@@ -297,7 +298,7 @@ def stored_layout(layer: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dt
     n, k = layer.out_features, layer.in_features
     if isinstance(layer, Int8Linear):
         return {"qweight": ((n, k), torch.int8), "scales": ((n,), layer.compute_dtype)}
-    return {"nibbles": ((n, k // 2), torch.uint8), "scales_and_zeros": ((k // layer.group, n, 2), layer.compute_dtype)}
+    return {"scales_and_zeros": ((k // layer.group, n, 2), layer.compute_dtype), "nibbles": ((n, k // 2), torch.uint8)}
 
 
 def stored_tensors(layer: nn.Module, w: torch.Tensor) -> dict[str, torch.Tensor]:
