@@ -433,7 +433,7 @@ def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+def random_fill(module: nn.Module, leaf: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
     """The values `Phi4RV.init_weights` gives this parameter, drawn into `t` in place."""
     if isinstance(module, (nn.Linear, nn.Embedding)) and leaf == "weight":
         return t.normal_(0.0, std, generator=gen)
@@ -495,7 +495,7 @@ def write_random_weights(
     def drawn():
         for name, p in params:
             module_name, _, leaf = name.rpartition(".")
-            yield _random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
+            yield random_fill(model.get_submodule(module_name), leaf, torch.empty(p.shape, dtype=dtype), std, gen)
 
     specs = [(to_release_name(name), p.shape, dtype) for name, p in params]
     write_streamed_weights(path, specs, drawn(), max_shard_bytes)

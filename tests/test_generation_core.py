@@ -19,7 +19,6 @@ from phi4rv.generation.core import (
     Request,
     Sequence,
     SequenceState,
-    image_hash,
     image_spans,
     pick,
 )
@@ -142,13 +141,13 @@ def test_prefix_store_keys_by_image_content_not_placeholders(cm):
     a = ImagePatches(torch.zeros(4, 768), grid)
     b = ImagePatches(torch.ones(4, 768), grid)
     ids = [5, 6, 7, 8, -200, 9, 10, 11, 12, 13]
-    ka, kb = store.keys(ids, [a], [image_hash(a)]), store.keys(ids, [b], [image_hash(b)])
+    ka, kb = store.keys(ids, [a]), store.keys(ids, [b])
     assert ka[0] == kb[0]  # the first block is text only
     assert ka[1] != kb[1]  # the second holds image patches: different images, different keys
     same = ImagePatches(torch.zeros(4, 768), grid)
-    assert store.keys(ids, [same], [image_hash(same)]) == ka
-    store.put_features(image_hash(a), torch.full((4, 8), 3.0))
-    assert store.features(image_hash(b)) is None and torch.equal(store.features(image_hash(same)), torch.full((4, 8), 3.0))
+    assert store.keys(ids, [same]) == ka
+    store.put_features(a.digest, torch.full((4, 8), 3.0))
+    assert store.features(b.digest) is None and torch.equal(store.features(same.digest), torch.full((4, 8), 3.0))
 
 
 def test_prefix_cache_reuses_a_shared_prompt_and_changes_nothing(cm, images_dir):
@@ -254,13 +253,12 @@ def test_stop_string_found_across_pieces(cm):
 
 
 def test_image_hash_differs_for_different_pixels(images_dir):
-    from phi4rv.generation.core import image_hash
     from phi4rv.processing.image import ImageProcessorConfig
 
     cfg = ImageProcessorConfig(min_num_patches=4, max_num_patches=64)
     a = process_image(images_dir / "photo.jpg", cfg)
     b = process_image(images_dir / "desktop_screenshot.png", cfg)
-    assert image_hash(a) != image_hash(b) and image_hash(a) == image_hash(process_image(images_dir / "photo.jpg", cfg))
+    assert a.digest != b.digest and a.digest == process_image(images_dir / "photo.jpg", cfg).digest
 
 
 def test_release_tokenizer_has_single_token_markers_that_bind_split_and_budget(cm):

@@ -278,10 +278,6 @@ def image_spans(input_ids: list[int], grids: list[tuple[int, int]]) -> list[tupl
     return spans
 
 
-def image_hash(im: ImagePatches) -> bytes:
-    return hashlib.blake2b(im.pixels.numpy().tobytes() + str(im.grid).encode(), digest_size=16).digest()
-
-
 class PrefixStore:
     """Keys/values of prompt prefixes, reused by later prompts that start the same way, and the
     vision features of the images in them.
@@ -300,7 +296,7 @@ class PrefixStore:
         self.nbytes = 0
         self.hits = self.lookups = 0  # prompt positions served from the store / looked up
 
-    def keys(self, ids: list[int], images: list[ImagePatches], hashes: list[bytes]) -> list[bytes]:
+    def keys(self, ids: list[int], images: list[ImagePatches]) -> list[bytes]:
         """One key per whole block of the expanded prompt, except a block holding its last position
         (that one must be computed: its logits pick the first token)."""
         owner: list[int] = []  # image index per position (-1 for text)
@@ -318,7 +314,7 @@ class PrefixStore:
             end = start + self.block
             seen = sorted({o for o in owner[start:end] if o >= 0})
             h = hashlib.blake2b(prev + torch.tensor(full[start:end]).numpy().tobytes()
-                                + b"".join(hashes[o] for o in seen), digest_size=16).digest()
+                                + b"".join(images[o].digest for o in seen), digest_size=16).digest()
             out.append(h)
             prev = h
         return out
@@ -412,14 +408,13 @@ class Core:
         # Stored prefixes first: an image whose every position is in a reused prefix is not encoded,
         # nor one whose features are stored.
         t0 = time.perf_counter()
-        rows, keys, hashes = [], [], []
+        rows, keys = [], []
         for s in seqs:
             grids = [im.grid for im in s.request.images]
             full = expand_image_tokens(s.request.input_ids, grids)
-            start, row_keys, row_hashes = 0, [], [None] * len(grids)
+            start, row_keys = 0, []
             if self.prefixes is not None:
-                row_hashes = [image_hash(im) for im in s.request.images]
-                row_keys = self.prefixes.keys(s.request.input_ids, s.request.images, row_hashes)
+                row_keys = self.prefixes.keys(s.request.input_ids, s.request.images)
                 hit = self.prefixes.longest(row_keys)
                 if model.cfg.image_bidirectional_attention:  # a reused prefix may not cut an image
                     while hit and full[hit * self.prefixes.block - 1] == IMAGE_TOKEN_ID \
@@ -432,27 +427,26 @@ class Core:
                     self.prefixes.hits += start
             rows.append((full, start, image_spans(s.request.input_ids, grids)))
             keys.append(row_keys)
-            hashes.append(row_hashes)
         self.timing["prefill"] = self.timing.get("prefill", 0.0) + time.perf_counter() - t0
 
         t0 = time.perf_counter()
         feats: list[list[torch.Tensor | None]] = []  # per row, per image with positions from `start` on
-        missing: list[tuple[int, int, ImagePatches, bytes | None]] = []  # (row, index in feats[row], image, hash)
+        missing: list[tuple[int, int, ImagePatches]] = []  # (row, index in feats[row], image)
         for i, (s, (_, start, spans)) in enumerate(zip(seqs, rows)):
             feats.append([])
-            for im, h, (_, end) in zip(s.request.images, hashes[i], spans):
+            for im, (_, end) in zip(s.request.images, spans):
                 if end > start:
-                    stored = self.prefixes.features(h) if h is not None else None
+                    stored = self.prefixes.features(im.digest) if self.prefixes is not None else None
                     if stored is None:
-                        missing.append((i, len(feats[i]), im, h))
+                        missing.append((i, len(feats[i]), im))
                     feats[i].append(stored)
         if missing:
-            images = [im for _, _, im, _ in missing]
+            images = [im for _, _, im in missing]
             new = model.encode_images(torch.cat([im.pixels for im in images]).to(device), [im.grid for im in images])
-            for (i, j, _, h), f in zip(missing, new.split([im.pixels.shape[0] for im in images])):
+            for (i, j, im), f in zip(missing, new.split([im.pixels.shape[0] for im in images])):
                 feats[i][j] = f
-                if h is not None:
-                    self.prefixes.put_features(h, f)
+                if self.prefixes is not None:
+                    self.prefixes.put_features(im.digest, f)
         _sync(device)
         self.timing["vision"] = self.timing.get("vision", 0.0) + time.perf_counter() - t0
 

@@ -7,6 +7,7 @@ float32, normalise in float32, cut into row-major patches flattened as (row, col
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -81,6 +82,12 @@ class ImageProcessorConfig:
 class ImagePatches:
     pixels: torch.Tensor  # [h*w, 3*p*p] float32, each patch flattened as (row, col, channel)
     grid: tuple[int, int]  # (h, w) in patches
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """A hash of the content, computed once: the pixels are never changed after processing
+        (the image cache hands the same patches to every request that sends the image)."""
+        return hashlib.blake2b(self.pixels.numpy().tobytes() + str(self.grid).encode(), digest_size=16).digest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,17 @@ from pathlib import Path
 
 import torch
 
-from phi4rv.checkpoint import DTYPES, QUANTIZATION_KEY, CheckpointError, StoredRows, load_model, stored_parameters
+from phi4rv.checkpoint import (
+    DTYPES,
+    QUANTIZATION_KEY,
+    CheckpointError,
+    StoredRows,
+    load_model,
+    random_fill,
+    stored_parameters,
+)
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
-from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.quant import quantize_modules
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
@@ -105,28 +112,18 @@ def prepare_for_stage(cfg: TrainConfig, stage: StageConfig, model: Phi4RV) -> li
 
 
 def init_in_dtype(mc: Phi4RVConfig, dtype: torch.dtype) -> Phi4RV:
-    """A randomly initialised model (Phi4RV.init_weights' rules, drawn in `dtype`), built on the
-    meta device and filled module by module, so that no float32 copy ever exists (at the 15B's
-    widths the embeddings and LM head alone are 4 GB in float32)."""
+    """A randomly initialised model (Phi4RV.init_weights' rules, drawn in `dtype` from the global
+    generator in the same order), built on the meta device and filled tensor by tensor, so that no
+    float32 copy ever exists (at the 15B's widths the embeddings and LM head alone are 4 GB in
+    float32)."""
     with torch.device("meta"):
         model = Phi4RV(mc)
-    for m in model.modules():
-        if not list(m.parameters(recurse=False)):
-            continue
-        for name, p in list(m.named_parameters(recurse=False)):
-            m.register_parameter(name, torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), requires_grad=p.requires_grad))
-        with torch.no_grad():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-                m.weight.normal_(0.0, 0.02)
-                if getattr(m, "bias", None) is not None:
-                    m.bias.zero_()
-            elif isinstance(m, torch.nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-            else:
-                raise TypeError(f"no init rule for {type(m).__name__}")
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()):
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            values = random_fill(module, leaf, torch.empty(p.shape, dtype=dtype), 0.02, None)
+            module.register_parameter(leaf, torch.nn.Parameter(values, requires_grad=p.requires_grad))
     return model
 
 
