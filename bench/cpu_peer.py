@@ -1,4 +1,4 @@
-"""The CPU peer, side by side: phi4rv `--quantize int8` / `int4` vs llama.cpp Q8_0 / Q4_0, greedy decode.
+"""The CPU peer, side by side: phi4rv `--quantize int8` / `w8a8` / `int4` vs llama.cpp Q8_0 / Q4_0, greedy decode.
 
 A random decoder of Phi-4's real widths (hidden 5120, 40 heads, 10 KV heads, head dim 128,
 intermediate 17920, vocab 100352) at reduced depth (`--layers`, default 2: the 40-layer model in
@@ -9,22 +9,25 @@ and Q4_0 from it, so both sides quantize the same bf16 values. phi4rv loads the 
 `load_model(quantize=...)` in `--dtype` (default bfloat16, as the release is stored).
 
 What each side quantizes, as its users get it:
-- phi4rv int8: every block linear and the LM head int8 per output row; int4: block linears int4
-  (asymmetric, groups of 128), the LM head int8 (`phi4rv/model/quant.py`); embeddings in bf16.
-- llama.cpp Q8_0: everything 8-bit in blocks of 32; Q4_0: block linears and token embedding 4-bit
+- phi4rv int8: every block linear int8 per output row, weight-only (bf16 activations); w8a8: the
+  same weights, each token's activations quantized to int8 per row and an integer matmul; int4:
+  block linears int4 (asymmetric, groups of 128), weight-only; the LM head int8 with int8
+  activations under every mode (`phi4rv/model/quant.py`); embeddings in bf16.
+- llama.cpp Q8_0: everything 8-bit in blocks of 32, activations quantized to 8 bits in blocks of
+  32 for the dot products (so w8a8 is the like-for-like side; int8 is compared to it too); Q4_0: block linears and token embedding 4-bit
   in blocks of 32, output.weight Q6_K (llama.cpp's default for the output under Q4_0;
   `--q4-output q8_0` makes it Q8_0, phi4rv's choice, so both read the same LM head bits).
 
 Both sides, in this one process, greedily decode exactly `--new-tokens` tokens from the same
 `--prompt-tokens` random ids, with the same number of threads (`--threads`, default 2) and
-OMP_WAIT_POLICY=PASSIVE; every round runs all four sides, the order flipped each round, `--warmup`
+OMP_WAIT_POLICY=PASSIVE; every round runs all five sides, the order flipped each round, `--warmup`
 rounds dropped, `--repeats` rounds timed. Reported per side: decode tokens/s (first token excluded:
 it comes from the prefill's logits) median and best, prefill tokens/s median and best, the bytes
 read per decode step (every weight as stored, but the token embedding, a one-row gather; the KV
 cache is not counted: at prompt 64 + 32 new tokens and 2 layers it is < 1 MB) and decode as a
 fraction of the bandwidth roofline (bandwidth / bytes per token; bandwidth from `common.machine_rates`'
 copy kernel, read + write, best of 5, before and after the runs, the higher). The ratio
-phi4rv / llama.cpp at equal bits (int8 vs Q8_0, int4 vs Q4_0) on median and on best times, and
+phi4rv / llama.cpp at equal bits (int8 and w8a8 vs Q8_0, int4 vs Q4_0) on median and on best times, and
 whether the goal (>= 1.0x, issue 16) is met. Greedy agreement (common prefix) is printed for
 information only: the two quantizers round differently, so random weights need not agree.
 
@@ -81,7 +84,7 @@ from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
 
 GOAL_RATIO = 1.0  # issue 16: phi4rv >= 1.0x llama.cpp at equal bits
-PAIRS = {"int8": "Q8_0", "int4": "Q4_0"}  # phi4rv mode -> llama.cpp type at the same bits
+PAIRS = {"int8": "Q8_0", "w8a8": "Q8_0", "int4": "Q4_0"}  # phi4rv mode -> llama.cpp type at the same bits
 GB = 1e9
 
 
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     bf16_gguf.unlink()
     tensors = {name: gguf_tensor_bytes(path) for name, path in ggufs.items()}
 
-    # 3. The four sides, the same prompt ids.
+    # 3. The sides, the same prompt ids.
     rng = np.random.default_rng(args.seed)
     prompt = [int(x) for x in rng.integers(0, NUM_REGULAR, args.prompt_tokens)]
     n = args.new_tokens
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         load_s[f"phi4rv {mode}"] = time.perf_counter() - t0
         sides[f"phi4rv {mode}"] = model
         bytes_per_token[f"phi4rv {mode}"] = phi4rv_bytes_per_token(model)
+        if f"llama.cpp {gguf_type}" in sides:
+            continue
         t0 = time.perf_counter()
         sides[f"llama.cpp {gguf_type}"] = LlamaSide(ggufs[gguf_type], args.threads, args.prompt_tokens + n + 8, logits_all=False)
         load_s[f"llama.cpp {gguf_type}"] = time.perf_counter() - t0
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({c['decode_ratio_best']:.2f}x on best times), prefill {c['prefill_ratio_median']:.2f}x; "
               f"goal >= {GOAL_RATIO:g}x: {'met' if c['goal_met'] else 'MISSED'}; "
               f"greedy tokens agree for {c['greedy_agree']}/{n} (information: the quantizers round differently)")
-    print(f"peak RSS of this process (all four sides loaded; taken before the closing bandwidth probe): {peak:.2f} GiB")
+    print(f"peak RSS of this process (all sides loaded; taken before the closing bandwidth probe): {peak:.2f} GiB")
     result = {"benchmark": "cpu_peer", "machine": info, "machine_rates": rates,
               "bandwidth_bytes_per_s_before_after": [rates_before["copy_bandwidth_bytes_per_s"],
                                                      rates_after["copy_bandwidth_bytes_per_s"]],

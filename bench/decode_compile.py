@@ -85,7 +85,7 @@ def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model shapes (tiny: 13M parameters, small: 129M)")
-    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4"])
+    p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4", "w8a8"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)

@@ -1,4 +1,4 @@
-"""What weight-only quantization costs in quality: bf16, int8 and int4 against fp32 on a trained model.
+"""What quantization costs in quality: bf16, int8, w8a8 and int4 against fp32 on a trained model.
 
     python bench/quant_quality.py                      # trains the toy (about a minute), then measures
     python bench/quant_quality.py --json out/quant.json
@@ -6,8 +6,9 @@
 The toy is the recipe's decoder size (width 128, 4 layers, vocabulary 512) trained to continue
 arithmetic sequences with 10% of the tokens replaced by noise: most next tokens are certain, the
 noisy ones are not, as in real text. It is saved as an fp32 checkpoint and loaded back through
-`load_model` as fp32 (the reference), bf16, and `--quantize int8|int4` with bf16 activations (how
-the 15B runs) and with fp32 activations (the weights' share of the drift alone). On held-out
+`load_model` as fp32 (the reference), bf16, and `--quantize int8|int4|w8a8` in bf16 (how the 15B
+runs) and in fp32 (int8, int4: the weights' share of the drift alone; w8a8 quantizes each linear's
+input to int8 either way, and its output comes back in the compute dtype). On held-out
 sequences, teacher-forced: per-token KL(fp32 || variant) (mean, p99, max), mean |logprob drift| of
 the true token, top-1 agreement with fp32, held-out next-token accuracy; then greedy continuations
 of 16 prompts (24 tokens) identical to fp32's. One process, the same weights for every variant.
@@ -38,7 +39,9 @@ VARIANTS = {  # name: (dtype, quantize)
     "bf16": ("bfloat16", None),
     "int8 (bf16 act)": ("bfloat16", "int8"),
     "int4 (bf16 act)": ("bfloat16", "int4"),
+    "w8a8 (bf16)": ("bfloat16", "w8a8"),
     "int8 (fp32 act)": ("float32", "int8"),
+    "w8a8 (fp32)": ("float32", "w8a8"),
     "int4 (fp32 act)": ("float32", "int4"),
 }
 

@@ -78,7 +78,7 @@ class ChatModel:
         compile: str | bool | None = None,
     ) -> ChatModel:
         """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum).
-        `quantize`: None, "int8" or "int4" (weight-only, at load time; see `phi4rv.model.quant`).
+        `quantize`: None, "int8", "int4" or "w8a8" (at load time; see `phi4rv.model.quant`).
         `compile`: True or a `torch.compile` mode ("default", "reduce-overhead", ...) compiles the
         decode step (`phi4rv.generation.compiled`); the first tokens pay the compile."""
         path = Path(path)

@@ -292,7 +292,7 @@ def load_model(
     The model is built on the meta device and each tensor is read from its shard straight into
     its final dtype and device: a tensor stored in the target dtype on CPU is read into its
     parameter with no copy, others pass through one temporary of their stored size. With
-    `quantize` ("int8" | "int4", see `phi4rv.model.quant`) each linear weight is read and
+    `quantize` ("int8" | "int4" | "w8a8", see `phi4rv.model.quant`) each linear weight is read and
     quantized 1024 rows at a time, so the full-precision model, or even one full-precision
     matrix, never exists. Peak memory: the loaded weights + LOAD_ALLOWANCE_BYTES, plus the largest
     stored tensor when a dtype conversion is asked for. The need is estimated before anything is read
@@ -312,9 +312,9 @@ def load_model(
         model = Phi4RV(cfg)
     saved = cfg.raw.get(QUANTIZATION_KEY)
     if saved is not None:  # a folder written by `phi4rv quantize`: its layers are built quantized
-        if quantize not in (None, saved["mode"]):
+        if quantize not in (None, saved["mode"]) and {quantize, saved["mode"]} != {"int8", "w8a8"}:
             raise CheckpointError(f"{path} is quantized to {saved['mode']}; it cannot be loaded with --quantize {quantize}")
-        quantize, quantize_vision = saved["mode"], saved["vision"]
+        quantize, quantize_vision = quantize or saved["mode"], saved["vision"]  # int8 and w8a8 store the same tensors
         dtype = dtype or DTYPES[saved["dtype"]]
         quantize_modules(model, quantize, dtype, vision=quantize_vision)
     stored = stored_parameters(path, model)

@@ -1,5 +1,6 @@
-"""Weight-only int8/int4 at load time: the kernels compute what the quantized weights say, and a
-trained model keeps its greedy choices (int8) or drifts by a bounded amount (int4)."""
+"""int8/int4/w8a8 at load time: the kernels compute what the quantized weights (and, for w8a8, the
+quantized activations) say, and a trained model keeps its greedy choices (int8, w8a8) or drifts by
+a bounded amount (int4)."""
 
 import json
 import os
@@ -74,6 +75,25 @@ def test_int8_kernel_computes_the_quantized_weights():
     torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-5, atol=1e-5)
 
 
+def test_w8a8_kernel_computes_the_quantized_weights_times_the_quantized_activations():
+    torch.manual_seed(0)
+    n, k = 40, 100  # widths the integer kernel has no special case for
+    scales = torch.rand(n, dtype=torch.float64) * 0.01 + 0.001
+    q = torch.randint(-127, 128, (n, k))
+    q[:, 0] = 127
+    layer = Int8Linear(k, n, bias=False, dtype=torch.float32, dynamic_activations=True)
+    layer.set_weight((q * scales[:, None]).float(), "cpu")
+    x = torch.randn(3, k)
+    # by hand, in float64: each row of x rounded to 255 levels of its own absmax
+    x64 = x.double()
+    sx = x64.abs().amax(dim=1, keepdim=True) / 127
+    want = (torch.round(x64 / sx) @ q.double().T) * sx * layer.scales.double()
+    torch.testing.assert_close(layer(x).double(), want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(layer(x).double(), x64 @ (q * scales[:, None]).T, rtol=1e-6, atol=1e-6)  # x was quantized
+    assert torch.equal(x.double(), x64)  # the caller's input is left as it was
+    assert torch.equal(layer(torch.zeros(1, k)), torch.zeros(1, n))  # an all-zero row is no division by zero
+
+
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_int4_kernel_computes_the_quantized_weights(group):
     torch.manual_seed(0)
@@ -93,7 +113,8 @@ def test_quantized_load_swaps_the_decoder_linears(trained_ckpt):
     model = load_model(trained_ckpt, quantize="int4", dtype="bfloat16")
     layer = model.decoder.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
-    assert isinstance(model.decoder.lm_head, Int8Linear)  # the LM head stays int8 (see quant.py)
+    head = model.decoder.lm_head  # int8 weights and activations under every mode (see quant.py)
+    assert isinstance(head, Int8Linear) and head.dynamic_activations
     assert isinstance(model.decoder.embed_tokens, torch.nn.Embedding) and model.dtype == torch.bfloat16
     assert isinstance(model.vision.encoder.layers[0].mlp.fc1, torch.nn.Linear)  # vision untouched by default
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -106,12 +127,17 @@ def test_quantized_load_swaps_the_decoder_linears(trained_ckpt):
     assert model(ids, torch.randn(6, 768), [(2, 3)]).isfinite().all()
 
 
-def test_int8_greedy_equals_fp32_and_int4_drift_is_bounded(trained_ckpt):
+def test_int8_and_w8a8_greedy_equal_fp32_and_int4_drift_is_bounded(trained_ckpt):
     ref = load_model(trained_ckpt)
     int8 = load_model(trained_ckpt, quantize="int8")
+    w8a8 = load_model(trained_ckpt, quantize="w8a8")
+    assert w8a8.decoder.layers[0].mlp.gate_up_proj.dynamic_activations
+    assert not int8.decoder.layers[0].mlp.gate_up_proj.dynamic_activations
     int4 = load_model(trained_ckpt, quantize="int4")
     for prompt in ([5, 6, 7], [100, 102, 104], [300, 303, 306, 309], [17, 18], [450, 452]):
-        assert greedy(int8, prompt, 10) == greedy(ref, prompt, 10), prompt
+        want = greedy(ref, prompt, 10)
+        assert greedy(int8, prompt, 10) == want, prompt
+        assert greedy(w8a8, prompt, 10) == want, prompt
     ids = counting_batch(32, 24, torch.Generator().manual_seed(1))
     with torch.no_grad():
         lp_ref = ref(ids)[:, 3:].log_softmax(-1)
@@ -122,7 +148,7 @@ def test_int8_greedy_equals_fp32_and_int4_drift_is_bounded(trained_ckpt):
     assert agree >= INT4_TOP1_AGREEMENT, agree
 
 
-@pytest.mark.parametrize("mode, vision", [("int8", True), ("int4", False), ("int4", True)])
+@pytest.mark.parametrize("mode, vision", [("int8", True), ("int4", False), ("int4", True), ("w8a8", False)])
 def test_a_prequantized_folder_loads_what_quantizing_at_load_gives(trained_ckpt, tmp_path, mode, vision):
     out = tmp_path / "q"
     cmd = [sys.executable, "-m", "phi4rv", "quantize", str(trained_ckpt), "--out", str(out), "--mode", mode]
@@ -146,6 +172,14 @@ def test_a_prequantized_folder_loads_what_quantizing_at_load_gives(trained_ckpt,
     assert on_disk(out) < on_disk(trained_ckpt)
     assert load_model(out, quantize=mode) is not None  # naming its own mode is allowed
     other = "int8" if mode == "int4" else "int4"
+    sibling = {"int8": "w8a8", "w8a8": "int8"}.get(mode)  # the same tensors: loading one as the other is allowed
+    if sibling:
+        as_sibling = load_model(out, quantize=sibling)
+        assert as_sibling.decoder.layers[0].mlp.down_proj.dynamic_activations == (sibling == "w8a8")
+        assert torch.equal(as_sibling(ids), load_model(trained_ckpt, quantize=sibling, quantize_vision=vision)(ids))
+    else:
+        with pytest.raises(CheckpointError, match="cannot be loaded with --quantize w8a8"):
+            load_model(out, quantize="w8a8")
     with pytest.raises(CheckpointError, match=f"quantized to {mode}; it cannot be loaded with --quantize {other}"):
         load_model(out, quantize=other)
     with pytest.raises(CheckpointError, match="already quantized"):

@@ -203,7 +203,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--model: patch budget per image (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     s.add_argument("--device", default=None)
-    s.add_argument("--quantize", default=None, metavar="int8|int4", help="--model: weight-only quantization at load time")
+    s.add_argument("--quantize", default=None, metavar="int8|int4|w8a8", help="--model: quantization at load time (see phi4rv quantize)")
     s.add_argument("--compile", action="store_true", help="--model: torch.compile the decode step (prefill stays eager)")
     s.add_argument("--compile-mode", default=None, metavar="MODE",
                    help="--model: torch.compile mode (implies --compile): default, reduce-overhead (CUDA graphs, "

@@ -71,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="patch budget of an image whose detail is auto or unset (default: the checkpoint's maximum)")
     s.add_argument("--dtype", default=None, choices=list(DTYPES))
     s.add_argument("--device", default=None)
-    s.add_argument("--quantize", default=None, metavar="int8|int4", help="weight-only quantization of the decoder's linears at load time")
+    s.add_argument("--quantize", default=None, metavar="int8|int4|w8a8", help="quantize the decoder's linears at load time (int8, int4: weight-only; w8a8: int8 weights and activations)")
     s.add_argument("--compile", action="store_true", help="torch.compile the decode step (prefill stays eager); the first tokens pay the compile")
     s.add_argument("--compile-mode", default=None, choices=COMPILE_MODES, help="torch.compile mode (implies --compile; default: default); reduce-overhead = CUDA graphs, untested")
     s.add_argument("--log-level", default="warning")
