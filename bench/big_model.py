@@ -10,8 +10,8 @@ Phases, each in its own child process so that its peak RSS (VmHWM, from the kern
    text prompt and an image prompt at the minimum patch budget (256 patches), greedy, exactly
    `--new-tokens` tokens (stop tokens ignored): time to first token (preprocess + vision + prefill)
    and decode tokens/s (first token excluded), `--repeats` runs each, median and best;
-   decode as a fraction of the memory-bandwidth roofline: bandwidth (a 0.5 GiB read probe in the
-   same process, before and after, the higher) / bytes read per decode step (every decoder weight
+   decode as a fraction of the memory-bandwidth roofline: bandwidth (the copy kernel's bytes moved,
+   read + write, `common.machine_rates`, before and after, the higher) / bytes read per decode step (every decoder weight
    but the embedding table, as stored after quantization, plus the KV cache so far).
 A load phase runs only when MemAvailable leaves room for its peak (`--min-free-gb`, per mode);
 otherwise it is skipped and the exact command is printed. The checkpoint is deleted at the end
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the phi4rv command does (phi4rv/cli.py)
 
 import torch
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # why: llamacpp_common's docstring
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # phi4rv's side as the phi4rv command runs it (phi4rv/cli.py)
 
 import argparse
 import shutil

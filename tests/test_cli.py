@@ -78,3 +78,13 @@ def test_bad_input_gets_one_line_errors(tiny_ckpt, tmp_path, capsys):
     (shaped / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
     assert "shape" in error_of(["chat", "--model", shaped, "hi"], capsys)
     assert "temperature" in error_of(["chat", "--model", tiny_ckpt, "--temperature", "-1", "hi"], capsys)
+
+
+def test_the_command_asks_torch_for_huge_pages_unless_told_otherwise():
+    probe = "import phi4rv.cli, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**env, "THP_MEM_ALLOC_ENABLE": "0"}, check=True)
+    assert out.stdout.strip() == "0"  # a user's own setting wins
