@@ -111,6 +111,7 @@ def phase_run(args) -> dict:
     from phi4rv.chat_model import ChatModel
     from phi4rv.generation.sampling import SamplingParams
 
+    bw = bandwidth(args.tiny)  # before loading and after the prompts: the probe's 2 GiB are not in the peaks
     reset_peak()
     t0 = time.perf_counter()
     cm = ChatModel.load(args.dir, quantize=None if args.mode == "none" else args.mode, device="cpu",
@@ -121,7 +122,6 @@ def phase_run(args) -> dict:
     model = cm.model
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     per_token = decode_bytes(model)
-    bw = bandwidth(args.tiny)
     from PIL import Image
 
     photo = Image.open(IMAGE).convert("RGB")
@@ -152,9 +152,10 @@ def phase_run(args) -> dict:
             })
             progress(f"{args.mode} {name}: TTFT {runs[-1]['ttft_s']:.1f} s, decode {runs[-1]['decode_tok_s']:.3f} tok/s")
         out[name] = runs
+    peak = status("VmHWM")
     bw = max(bw, bandwidth(args.tiny))
     return {"load_s": load_s, "load_peak_rss": load_peak, "resident_bytes": resident, "decode_bytes": per_token,
-            "bandwidth": bw, "prompts": out, "peak_rss": status("VmHWM"), "threads": torch.get_num_threads()}
+            "bandwidth": bw, "prompts": out, "peak_rss": peak, "threads": torch.get_num_threads()}
 
 
 # ---- parent -------------------------------------------------------------------------------------
