@@ -6,8 +6,8 @@ Three modes (`--quantize`):
   CUDA); activations stay in the compute dtype.
 - `w8a8`: int8 weights as `int8`, and each token's activations quantized to int8 on the fly (one
   absmax scale per row) so the product is an integer matmul (`torch._int_mm`, VNNI on this CPU),
-  as llama.cpp's Q8_0 does with its blocks of 32. One token reads the weights up to ~1.9x faster
-  than the weight-only kernel, prompts run ~5x faster, for about twice int8's drift
+  as llama.cpp's Q8_0 does with its blocks of 32. At the 15B's size on this CPU it decodes 1.5x
+  faster than `int8` and reaches the first token 5-6x sooner, for about twice int8's drift
   (bench/README.md). Same stored tensors as `int8`.
 torchao 0.18's eager int8 path was 10x slower here, so torchao is not used.
 
