@@ -26,11 +26,13 @@ from phi4rv.config import Phi4RVConfig
 from phi4rv.model import Phi4RV
 from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.quant import (
+    QUANTIZE_MODES,
     QuantLinear,
     check_mode,
     load_stored,
     quantize_modules,
     quantized_name,
+    stored_format,
     stored_layout,
     stored_tensors,
 )
@@ -312,9 +314,9 @@ def load_model(
         model = Phi4RV(cfg)
     saved = cfg.raw.get(QUANTIZATION_KEY)
     if saved is not None:  # a folder written by `phi4rv quantize`: its layers are built quantized
-        if quantize not in (None, saved["mode"]) and {quantize, saved["mode"]} != {"int8", "w8a8"}:
+        if quantize is not None and stored_format(quantize) != stored_format(saved["mode"]):
             raise CheckpointError(f"{path} is quantized to {saved['mode']}; it cannot be loaded with --quantize {quantize}")
-        quantize, quantize_vision = quantize or saved["mode"], saved["vision"]  # int8 and w8a8 store the same tensors
+        quantize, quantize_vision = quantize or saved["mode"], saved["vision"]
         dtype = dtype or DTYPES[saved["dtype"]]
         quantize_modules(model, quantize, dtype, vision=quantize_vision)
     stored = stored_parameters(path, model)
@@ -338,12 +340,13 @@ def load_model(
                 st = stored[name]
                 target = dtype if dtype is not None and st.dtype.is_floating_point else st.dtype
                 owner = quantized_name(model, name)
-                if owner is not None and owner[1] in stored_layout(owner[0]):
+                layout = stored_layout(owner[0]) if owner is not None else {}
+                if owner is not None and owner[1] in layout:
                     got = pending.setdefault(owner[0], {})
-                    last = len(got) + 1 == len(stored_layout(owner[0]))
+                    last = len(got) + 1 == len(layout)
                     # int4 nibbles read last are unpacked a block of rows at a time, never whole
                     got[owner[1]] = StoredRows(st, fd) if last and owner[1] == "nibbles" else read_tensor(st, fd)
-                    if len(got) == len(stored_layout(owner[0])):
+                    if last:
                         load_stored(owner[0], pending.pop(owner[0]), device)
                 elif owner is not None and owner[1] == "weight":
                     owner[0].set_weight(StoredRows(st, fd), device)
@@ -521,7 +524,7 @@ def save_quantized(source: str | Path, out: str | Path, mode: str, vision: bool 
     source = Path(source)
     mode = check_mode(mode)
     if mode is None:
-        raise ValueError("choose a quantization mode: int8 or int4")
+        raise ValueError(f"choose a quantization mode: {', '.join(QUANTIZE_MODES)}")
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     cfg = Phi4RVConfig.load(source)

@@ -58,6 +58,12 @@ def check_mode(mode: str | None) -> str | None:
     return mode
 
 
+def stored_format(mode: str) -> str:
+    """The tensors a pre-quantized folder holds for `mode`: w8a8 keeps int8's (it differs only in
+    how activations are handled at run time), so a folder of either loads as the other."""
+    return "int8" if mode == "w8a8" else mode
+
+
 def int4_group_size(in_features: int) -> int | None:
     for g in (INT4_GROUP, 64, 32):
         if in_features % g == 0:
