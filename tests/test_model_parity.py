@@ -37,6 +37,21 @@ def test_decoder_logits_match_phi3(cfg, seed):
     assert (got - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 9, 40])
+def test_lm_head_at_decode_rows_matches_phi3(rows):
+    """Decode feeds the head one row per sequence; CPU fp32 takes another product there (W @ x.T)."""
+    cfg = DECODERS[0]
+    hf = hf_phi3(cfg, 4)
+    ours = our_decoder(cfg, hf)
+    h = torch.randn(rows, 1, cfg.hidden_size, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        ref = hf.lm_head(h)
+        got = ours.lm_head(h)
+    assert got.shape == ref.shape == (rows, 1, cfg.vocab_size)
+    assert (got - ref).abs().max() < 1e-5
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 def test_decoder_left_padding_matches_phi3():
     cfg = DECODERS[0]
     hf = hf_phi3(cfg, 3)
