@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi4rv.model.linear import Linear
 from phi4rv.model.quant import QuantLinear
 
 DECODER_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -59,9 +60,9 @@ class LoRALinear(nn.Linear):
     def delta(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the adapter folded into the weight."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+    def merged(self) -> Linear:
+        """A plain `Linear` with the adapter folded into the weight."""
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         out.weight = nn.Parameter((self.weight.float() + self.delta()).to(self.weight.dtype).detach())
         if self.bias is not None:
             out.bias = nn.Parameter(self.bias.detach().clone())
@@ -102,11 +103,11 @@ class QLoRALinear(nn.Module):
     def delta(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
-    def merged(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """A plain nn.Linear: the dequantized base plus the adapter's delta, in `dtype` (default:
+    def merged(self, dtype: torch.dtype | None = None) -> Linear:
+        """A plain `Linear`: the dequantized base plus the adapter's delta, in `dtype` (default:
         the base's compute dtype)."""
         dtype = dtype or self.base.compute_dtype
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        out = Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         out.weight = nn.Parameter((self.base.dequantized().float() + self.delta()).to(dtype).detach())
         if self.bias is not None:
             out.bias = nn.Parameter(self.bias.detach().to(dtype).clone())

@@ -106,6 +106,19 @@ def test_loss_chunk_reports_its_figures(tmp_path):
     assert "less peak memory" in stdout
 
 
+def test_linear_backend_ratios_come_from_the_timings(tmp_path):
+    _, fig = run_bench("linear_backend", tmp_path, "--rows", "1", "4")
+    check_machine(fig)
+    assert {(r["shape"], r["rows"]) for r in fig["results"]} == {(s, m) for s in ("tiny lm_head", "small gate_up")
+                                                                  for m in (1, 4)}
+    for r in fig["results"]:
+        slow, fast = r["F.linear"], r["oneDNN"]
+        assert len(slow["times_s"]) >= 3 and len(fast["times_s"]) >= 3
+        assert r["ratio_median"] == pytest.approx(statistics.median(slow["times_s"]) / statistics.median(fast["times_s"]))
+        assert r["ratio_best"] == pytest.approx(min(slow["times_s"]) / min(fast["times_s"]))
+        assert 0 < r["err"]["oneDNN"] < 1e-4 and r["err"]["F.linear"] < 1e-4  # both full fp32 products
+
+
 def test_structured_ratios_come_from_the_timings(tmp_path):
     _, fig = run_bench("structured", tmp_path, "--new-tokens", "6", "--batch", "1", "--warmup", "0")
     free = sorted(fig["runs"]["free_b1"]["per_token_s"])

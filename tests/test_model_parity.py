@@ -39,7 +39,7 @@ def test_decoder_logits_match_phi3(cfg, seed):
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 40])
 def test_lm_head_at_decode_rows_matches_phi3(rows):
-    """Decode feeds the head one row per sequence; CPU fp32 takes another product there (W @ x.T)."""
+    """Decode feeds the head one row per sequence; CPU fp32 inference runs it on oneDNN (`model.linear`)."""
     cfg = DECODERS[0]
     hf = hf_phi3(cfg, 4)
     ours = our_decoder(cfg, hf)

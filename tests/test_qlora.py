@@ -13,6 +13,7 @@ from phi4rv.checkpoint import CheckpointError, load_model, save_checkpoint, save
 from phi4rv.config import preset
 from phi4rv.lora import QLoRALinear, apply_lora, export_merged, merge_lora
 from phi4rv.model import Phi4RV, quant
+from phi4rv.model.linear import Linear
 from phi4rv.model.quant import Int4Linear, Int8Linear
 from phi4rv.processing.byte_tokenizer import build_byte_tokenizer
 from phi4rv.processing.tokenizer import Tokenizer
@@ -241,7 +242,7 @@ def test_merge_lora_and_export_merged_fold_the_adapter_into_the_dequantized_base
         unmerged = model.eval()(input_ids=ids)
     exported = load_model(export_merged(model, tmp_path / "exported")).state_dict()
     merge_lora(model)
-    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in names)
+    assert all(type(model.get_submodule(n)) is Linear for n in names)  # the model's own plain linear again
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids), unmerged, rtol=1e-4, atol=1e-4)
     dense = model.state_dict()  # merge_lora's weights, computed by another path than export_merged's

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4rv.config import DecoderConfig
+from phi4rv.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +84,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.h, self.kvh, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.hd, bias=False)
+        self.o_proj = Linear(self.h * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, segments: list[list[int]] | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -118,8 +119,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -139,21 +140,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The output projection. `head(h, apply=f)` returns `f(h, weight)` from inside the head's own
     forward: training's chunked loss uses the weight directly, and a wrapper that gathers the
     weight around the head's forward (an FSDP2 unit) then still gathers it for that use."""
 
     def forward(self, x: torch.Tensor, apply=None):
-        if apply is not None:
-            return apply(x, self.weight)
-        rows = x.reshape(-1, x.shape[-1])
-        if x.device.type == "cpu" and x.dtype == torch.float32 and len(rows) <= 8:
-            # Decode's few rows on CPU in fp32: MKL runs x @ W.T 2-5x slower here than W @ x.T, and a
-            # single row (gemv) on one thread; W @ x.T on two rows uses every thread.
-            both = rows if len(rows) > 1 else rows.repeat(2, 1)
-            return torch.mm(self.weight, both.t()).t()[: len(rows)].reshape(*x.shape[:-1], -1)
-        return super().forward(x)
+        return super().forward(x) if apply is None else apply(x, self.weight)
 
 
 class Decoder(nn.Module):

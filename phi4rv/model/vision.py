@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phi4rv.config import VisionConfig
+from phi4rv.model.linear import Linear
 
 Grid = tuple[int, int]
 
@@ -21,7 +22,7 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.grid = cfg.position_grid
-        self.patch_embedding = nn.Linear(cfg.patch_dim, cfg.hidden_size)
+        self.patch_embedding = Linear(cfg.patch_dim, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
 
     def positions(self, grids: list[Grid]) -> torch.Tensor:
@@ -47,10 +48,10 @@ class VisionAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.q_proj = Linear(d, d)
+        self.k_proj = Linear(d, d)
+        self.v_proj = Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         # x: [N, D], one block of `lengths[i]` patches per image; bidirectional within a block.
@@ -75,8 +76,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
