@@ -1,10 +1,9 @@
 """`Linear`: `nn.Linear` whose fp32 product on CPU, outside autograd, runs on oneDNN.
 
 PyTorch sends fp32 CPU matmuls to MKL, and MKL does not use AVX-512 on AMD CPUs: on an EPYC
-(bench/README.md, "fp32 linears on oneDNN") oneDNN ran a 2048^3 product at 2.2x MKL's GFLOP/s and
-decode's 1-16 rows against a 768 x 100352 head 2.4-4.5x faster (one row: MKL's gemv uses one
-thread). bf16 already goes to oneDNN. Training (autograd) and `torch.compile` keep `F.linear`:
-the oneDNN op has no backward, and inductor lowers it only for frozen weights.
+(bench/README.md, linear_backend.py) oneDNN ran a 2048^3 product at 2.2x MKL's GFLOP/s and the
+products of decode and prefill 1.4-3.9x faster (one row: MKL's gemv used one thread). bf16
+already goes to oneDNN. Training (autograd) keeps `F.linear`: the oneDNN op has no backward.
 """
 
 from __future__ import annotations
@@ -16,16 +15,28 @@ from torch import nn
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@torch.library.custom_op("phi4rv::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same product as an op inductor calls as it is (it lowers the oneDNN op for frozen weights only)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if (
         _ONEDNN
         and x.dtype == weight.dtype == torch.float32
         and x.device.type == "cpu"
-        and type(x) is torch.Tensor  # not a DTensor or another subclass
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and not torch.compiler.is_compiling()
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, weight, bias)
+        if type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter):  # no DTensor or other subclass
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
