@@ -232,8 +232,8 @@ def main() -> None:
         try:
             for name, max_batch, extra in sides:
                 servers[name] = start(model, max_batch, max(args.clients * 2, 64), *extra)
-            for name, (_, url) in servers.items():  # warm-up, not reported
-                run(url, bodies(min(args.clients, 4), args.max_tokens, args.shared_prefix), args.clients)
+            for name, (_, url) in servers.items():  # warm-up, not reported: every image of the mix once
+                run(url, bodies(len(SIZES), args.max_tokens, args.shared_prefix), args.clients)
             rounds: dict[str, list[dict]] = {name: [] for name in servers}
             for rep in range(args.repeats):
                 for name in (list(servers) if rep % 2 == 0 else list(servers)[::-1]):

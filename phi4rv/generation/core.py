@@ -500,17 +500,22 @@ class Core:
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
-        """One decode step: each sequence feeds its last token and gets its next."""
+        """One decode step: each sequence feeds its last token and gets its next (events in `seqs`' order)."""
         model, device = self.model, self.model.device
-        self.cache.bind([s.slot for s in seqs])
+        by_slot = sorted(seqs, key=lambda s: s.slot)  # consecutive slots in order are read as a view, not gathered
+        self.cache.bind([s.slot for s in by_slot])
         if self.compiled is not None:
-            return pick(self.compiled(torch.tensor([s.token for s in seqs], device=device), self.cache), seqs)
-        tokens = torch.tensor([[s.token] for s in seqs], device=device)
-        h = model.decoder(model.decoder.embed_tokens(tokens), self.cache.starts[:, None], self.cache.decode_mask(), self.cache)
-        return pick(model.decoder.lm_head(h[:, -1]), seqs)
+            logits = self.compiled(torch.tensor([s.token for s in by_slot], device=device), self.cache)
+        else:
+            tokens = torch.tensor([[s.token] for s in by_slot], device=device)
+            h = model.decoder(model.decoder.embed_tokens(tokens), self.cache.starts[:, None], self.cache.decode_mask(), self.cache)
+            logits = model.decoder.lm_head(h[:, -1])
+        events = dict(zip(map(id, by_slot), pick(logits, by_slot)))
+        return [events[id(s)] for s in seqs]
 
     def release(self, seq: Sequence) -> None:
         if seq.slot >= 0:
             self.cache.release(seq.slot)
             self.free.append(seq.slot)
+            self.free.sort(reverse=True)  # the lowest free slot is taken next: running slots stay packed
             seq.slot = -1
