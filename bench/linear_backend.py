@@ -27,13 +27,13 @@ from phi4rv.model.linear import linear
 
 SHAPES = [  # name, in, out
     ("tiny lm_head", 64, 100352),
-    ("small lm_head", 768, 100352),
-    ("small gate_up", 768, 6144),
+    ("small lm_head", 512, 100352),
+    ("small gate_up", 512, 3072),
     ("296M lm_head", 1024, 100352),
     ("296M gate_up", 1024, 5632),
     ("15B down", 17920, 5120),
 ]
-TINY_SHAPES = [("tiny lm_head", 64, 100352), ("small gate_up", 768, 6144)]
+TINY_SHAPES = [("tiny lm_head", 64, 100352), ("small gate_up", 512, 3072)]
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 PyTorch sends fp32 CPU matmuls to MKL, and MKL does not use AVX-512 on AMD CPUs: on an EPYC
 (bench/README.md, linear_backend.py) oneDNN ran a 2048^3 product at 2.2x MKL's GFLOP/s and the
-products of decode and prefill 1.4-3.9x faster (one row: MKL's gemv used one thread). bf16
+products of decode and prefill 1.2-3.9x faster (one row: MKL's gemv used one thread). bf16
 already goes to oneDNN. Training (autograd) keeps `F.linear`: the oneDNN op has no backward.
 """
 
