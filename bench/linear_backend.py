@@ -21,7 +21,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_args, bench, machine, machine_rates, print_machine, print_rates, print_table, setup, write_json
+from common import (
+    add_common_args,
+    bench,
+    machine,
+    machine_rates,
+    print_machine,
+    print_rates,
+    print_table,
+    setup,
+    write_json,
+)
 
 from phi4rv.model.linear import linear
 
@@ -63,7 +73,6 @@ def main() -> None:
                 figures.append({"shape": name, "in": d_in, "out": d_out, "rows": m, "err": err,
                                 "ratio_median": a["median_s"] / b["median_s"], "ratio_best": a["best_s"] / b["best_s"],
                                 **{k: {kk: vv for kk, vv in v.items() if kk != "out"} for k, v in r.items()}})
-            del w
     print_machine(info)
     print_rates(rates)
     print(f"fp32, no autograd; {args.repeats} alternating runs per side after {args.warmup} warm-up runs")
