@@ -30,3 +30,11 @@ def test_training_keeps_autograd():
     m.weight.grad = None
     F.linear(x, m.weight, m.bias).square().sum().backward()
     assert torch.equal(gx, x.grad) and torch.equal(gw, m.weight.grad)
+
+
+def test_frozen_layers_in_training_keep_f_linear():
+    """A training run must not depend on the backend: frozen parts (a frozen vision tower) take F.linear too."""
+    torch.manual_seed(2)
+    m = Linear(256, 512).requires_grad_(False)
+    x = torch.randn(64, 256)
+    assert torch.equal(m(x), F.linear(x, m.weight, m.bias))

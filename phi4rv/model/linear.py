@@ -1,9 +1,10 @@
-"""`Linear`: `nn.Linear` whose fp32 product on CPU, outside autograd, runs on oneDNN.
+"""`Linear`: `nn.Linear` whose fp32 product on CPU, with autograd off (inference), runs on oneDNN.
 
 PyTorch sends fp32 CPU matmuls to MKL, and MKL does not use AVX-512 on AMD CPUs: on an EPYC
 (bench/README.md, linear_backend.py) oneDNN ran a 2048^3 product at 2.2x MKL's GFLOP/s and the
 products of decode and prefill 1.2-3.9x faster (one row: MKL's gemv used one thread). bf16
-already goes to oneDNN. Training (autograd) keeps `F.linear`: the oneDNN op has no backward.
+already goes to oneDNN. Training keeps `F.linear`, frozen parts included: the oneDNN op has no
+backward, and a training run's result should not depend on which library multiplied.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         _ONEDNN
         and x.dtype == weight.dtype == torch.float32
         and x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_grad_enabled()  # inference: training's products (frozen parts too) stay F.linear's
     ):
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight, bias)
