@@ -37,7 +37,7 @@ def test_decoder_logits_match_phi3(cfg, seed):
     assert (got - ref).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 4, 16, 40])
 def test_lm_head_at_decode_rows_matches_phi3(rows):
     """Decode feeds the head one row per sequence; CPU fp32 inference runs it on oneDNN (`model.linear`)."""
     cfg = DECODERS[0]
