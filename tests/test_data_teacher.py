@@ -103,7 +103,7 @@ def question_of(sample) -> str:
 
 
 def config(url, **kw):
-    base = dict(endpoint=url, model="teacher-x", concurrency=4, timeout=0.6, max_retries=2, backoff=0.01,
+    base = dict(endpoint=url, model="teacher-x", concurrency=4, timeout=3.0, max_retries=2, backoff=0.01,
                 attempts=3, temperature=0.7, max_tokens=256)
     return TeacherConfig(**{**base, **kw})
 
@@ -133,7 +133,7 @@ def test_rejection_sampling_retries_and_accounting(tmp_path):
         if k == 3:
             return ("status", 500) if n < 2 else ("answer", right(s))  # two 500s, then right
         if k == 4:
-            return ("sleep", 2.0, right(s)) if n == 0 else ("answer", right(s))  # times out once
+            return ("sleep", 10.0, right(s)) if n == 0 else ("answer", right(s))  # times out once
         if k == 5:
             return ("answer", str(s.meta["answer"]) if n == 0 else right(s))  # right but no trace, then a trace
         return ("reasoning", "Reasoning returned apart, as vLLM does.", str(s.meta["answer"]))
