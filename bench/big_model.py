@@ -10,9 +10,13 @@ Phases, each in its own child process so that its peak RSS (VmHWM, from the kern
    text prompt and an image prompt at the minimum patch budget (256 patches), greedy, exactly
    `--new-tokens` tokens (stop tokens ignored): time to first token (preprocess + vision + prefill)
    and decode tokens/s (first token excluded), `--repeats` runs each, median and best;
-   decode as a fraction of the memory-bandwidth roofline: bandwidth (the copy kernel's bytes moved,
-   read + write, `common.machine_rates`, before and after, the higher) / bytes read per decode step (every decoder weight
-   but the embedding table, as stored after quantization, plus the KV cache so far).
+   decode as a fraction of the memory-bandwidth roofline: bandwidth / bytes read per decode step
+   (every decoder weight but the embedding table, as stored after quantization, plus the KV cache
+   so far). The bandwidth is a copy kernel's bytes moved (read + write, as `common.machine_rates`
+   counts them, 256 MiB a side: 8x the L3 cache), best of 5, measured right before and right after
+   each run and averaged: this machine's bandwidth switches between two levels (~42 and ~75 GB/s)
+   from one minute to the next, so a probe taken minutes away can be at the other level. A run
+   whose two probes differ by more than 15% straddled a switch and is marked.
 A load phase runs only when MemAvailable leaves room for its peak (`--min-free-gb`, per mode);
 otherwise it is skipped and the exact command is printed. The checkpoint is deleted at the end
 unless `--keep`. This is a measurement, not a comparison: nothing here has two sides to alternate.
@@ -24,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +38,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the phi4rv command does
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, machine_rates, print_table
+from common import cpu_model, print_table
 
 GB = 1e9
 # Peak RSS each mode may reach on the 24 GB machine (the issue's budget) and the free memory a
@@ -97,9 +100,17 @@ def phase_write(args) -> dict:
 
 
 def bandwidth(tiny: bool) -> float:
-    """Bytes per second a copy kernel moves (read + write, `common.machine_rates`): the roofline's
-    bandwidth, as in every benchmark here (a reduction is not a stable bandwidth figure)."""
-    return machine_rates(torch.device("cpu"), torch.bfloat16, tiny=tiny)["copy_bandwidth_bytes_per_s"]
+    """Bytes per second a copy kernel moves (read + write, as `common.machine_rates` counts them;
+    a reduction is not a stable bandwidth figure), 256 MiB a side (16 MiB with --tiny), best of 5."""
+    src = torch.rand((16 if tiny else 256) * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
 
 
 def decode_bytes(model) -> int:
@@ -111,7 +122,6 @@ def phase_run(args) -> dict:
     from phi4rv.chat_model import ChatModel
     from phi4rv.generation.sampling import SamplingParams
 
-    bw = bandwidth(args.tiny)  # before loading and after the prompts: the probe's 2 GiB are not in the peaks
     reset_peak()
     t0 = time.perf_counter()
     cm = ChatModel.load(args.dir, quantize=None if args.mode == "none" else args.mode, device="cpu",
@@ -136,7 +146,9 @@ def phase_run(args) -> dict:
     for name, (messages, images) in prompts.items():
         runs = []
         for _ in range(args.repeats):
+            bw_before = bandwidth(args.tiny)
             r = cm.chat(messages, images, mode="nothink", params=params)
+            bw_after = bandwidth(args.tiny)
             n = r.usage["completion_tokens"]
             kv = model.cfg.decoder
             kv_bytes = 2 * kv.num_hidden_layers * kv.num_key_value_heads * kv.head_dim * 2 * (r.usage["prompt_tokens"] + n / 2)
@@ -149,13 +161,14 @@ def phase_run(args) -> dict:
                 "image_tokens": r.usage["image_tokens"],
                 "new_tokens": n,
                 "kv_bytes": kv_bytes,
+                "bandwidth_before_after": [bw_before, bw_after],
             })
-            progress(f"{args.mode} {name}: TTFT {runs[-1]['ttft_s']:.1f} s, decode {runs[-1]['decode_tok_s']:.3f} tok/s")
+            progress(f"{args.mode} {name}: TTFT {runs[-1]['ttft_s']:.1f} s, decode {runs[-1]['decode_tok_s']:.3f} tok/s, "
+                     f"copy probe {bw_before / GB:.1f} / {bw_after / GB:.1f} GB/s before / after")
         out[name] = runs
     peak = status("VmHWM")
-    bw = max(bw, bandwidth(args.tiny))
     return {"load_s": load_s, "load_peak_rss": load_peak, "resident_bytes": resident, "decode_bytes": per_token,
-            "bandwidth": bw, "prompts": out, "peak_rss": peak, "threads": torch.get_num_threads()}
+            "prompts": out, "peak_rss": peak, "threads": torch.get_num_threads()}
 
 
 # ---- parent -------------------------------------------------------------------------------------
@@ -244,21 +257,29 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
+STRADDLE = 1.15  # probes before / after a run further apart than this: the bandwidth switched during it
+
+
+def roofline_fraction(run: dict, decode_bytes: int) -> tuple[float, bool]:
+    """(bytes read per second while decoding / the mean of the adjacent probes, whether they agree)."""
+    before, after = run["bandwidth_before_after"]
+    return run["decode_tok_s"] * (decode_bytes + run["kv_bytes"]) / ((before + after) / 2), max(before, after) <= STRADDLE * min(before, after)
+
+
 def report(mode: str, r: dict) -> None:
-    roof = r["bandwidth"] / r["decode_bytes"]
     budget = BUDGET_GB[mode]
     print(f"\n{mode}: load {r['load_s']:.0f} s, peak RSS while loading {r['load_peak_rss'] / GB:.2f} GB "
           f"(overall {r['peak_rss'] / GB:.2f} GB, budget {budget:g} GB: {'ok' if r['peak_rss'] / GB <= budget else 'OVER'}), "
           f"resident weights {r['resident_bytes'] / GB:.2f} GB, {r['decode_bytes'] / GB:.2f} GB read per token, "
-          f"bandwidth {r['bandwidth'] / GB:.1f} GB/s -> roofline {roof:.2f} tok/s, {r['threads']} threads")
+          f"{r['threads']} threads")
     rows = []
     for name, runs in r["prompts"].items():
-        ttft = [x["ttft_s"] for x in runs]
-        tps = [x["decode_tok_s"] for x in runs]
-        fraction = [x["decode_tok_s"] * (r["decode_bytes"] + x["kv_bytes"]) / r["bandwidth"] for x in runs]
-        rows.append([name, runs[0]["prompt_tokens"], runs[0]["image_tokens"], statistics.median(ttft), min(ttft),
-                     statistics.median(tps), max(tps), statistics.median(fraction)])
-    print_table(["prompt", "prompt tok", "image tok", "TTFT med s", "TTFT best s", "decode tok/s med", "best",
+        for i, x in enumerate(runs):
+            fraction, steady = roofline_fraction(x, r["decode_bytes"])
+            probes = "/".join(f"{b / GB:.1f}" for b in x["bandwidth_before_after"])
+            rows.append([name, i + 1, x["prompt_tokens"], x["image_tokens"], x["ttft_s"], x["decode_tok_s"], probes,
+                         f"{fraction:.2f}" + ("" if steady else " (switched)")])
+    print_table(["prompt", "run", "prompt tok", "image tok", "TTFT s", "decode tok/s", "copy GB/s before/after",
                  "roofline frac"], rows)
     sys.stdout.flush()
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from phi4rv.checkpoint import CheckpointError, _check_memory, load_model, save_checkpoint, save_quantized
 from phi4rv.config import preset
-from phi4rv.model import Phi4RV
+from phi4rv.model import Phi4RV, quant
 from phi4rv.model.quant import Int4Linear, Int8Linear
 from phi4rv.train.loss import mean_loss
 
@@ -83,6 +83,7 @@ def test_w8a8_kernel_computes_the_quantized_weights_times_the_quantized_activati
     q[:, 0] = 127
     layer = Int8Linear(k, n, bias=False, dtype=torch.float32, dynamic_activations=True)
     layer.set_weight((q * scales[:, None]).float(), "cpu")
+    assert layer.prepacked  # on CPU: oneDNN's layout and kernel
     x = torch.randn(3, k)
     # by hand, in float64: each row of x rounded to 255 levels of its own absmax
     x64 = x.double()
@@ -92,6 +93,36 @@ def test_w8a8_kernel_computes_the_quantized_weights_times_the_quantized_activati
     assert not torch.allclose(layer(x).double(), x64 @ (q * scales[:, None]).T, rtol=1e-6, atol=1e-6)  # x was quantized
     assert torch.equal(x.double(), x64)  # the caller's input is left as it was
     assert torch.equal(layer(torch.zeros(1, k)), torch.zeros(1, n))  # an all-zero row is no division by zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_prepacked_weight_gives_the_plain_integer_matmuls_values_state_and_gradient(dtype, monkeypatch):
+    torch.manual_seed(0)
+    n, k = 40, 100
+    w = torch.randn(n, k) * 0.05
+    packed = Int8Linear(k, n, bias=False, dtype=dtype, dynamic_activations=True)
+    packed.set_weight(w, "cpu")
+    monkeypatch.setattr(quant, "_ONEDNN_QLINEAR", False)  # torch._int_mm on a plain int8 weight
+    plain = Int8Linear(k, n, bias=False, dtype=dtype, dynamic_activations=True)
+    plain.set_weight(w, "cpu")
+    assert packed.prepacked and packed.qweight.is_mkldnn and not plain.prepacked
+    for rows in (1, 3, 17, 0):
+        x = torch.randn(rows, k, dtype=dtype)
+        assert torch.equal(packed(x), plain(x)), rows  # the same int32 sums and the same two fp32 scalings
+    state = packed.state_dict()  # plain tensors, never the opaque layout
+    assert state["qweight"].dtype == torch.int8 and torch.equal(state["qweight"], plain.qweight)
+    assert torch.equal(state["scales"], plain.scales) and torch.equal(packed.dequantized(), plain.dequantized())
+    monkeypatch.setattr(quant, "_ONEDNN_QLINEAR", True)
+    other = Int8Linear(k, n, bias=False, dtype=dtype, dynamic_activations=True)
+    other.set_weight(torch.randn(n, k), "cpu")
+    other.load_state_dict(plain.state_dict())  # a plain state is packed as it loads
+    x = torch.randn(5, k, dtype=dtype)
+    assert other.prepacked and torch.equal(other(x), plain(x))
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    gy = torch.randn(5, n, dtype=dtype)
+    packed(xa).backward(gy)
+    plain(xb).backward(gy)
+    assert torch.equal(xa.grad, xb.grad)
 
 
 @pytest.mark.parametrize("group", [32, 64, 128])

@@ -65,7 +65,8 @@ class CompiledDecode:
         # fp32): on one tiny-model prompt the first greedy difference came after 20 tokens, not 11.
         options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
         self.cuda_graphs = bool(options.get("triton.cudagraphs"))
-        self.step = torch.compile(self._forward, options=options, fullgraph=True)
+        # Every model's step is this one method: its graphs are its own, not counted against another model's limit.
+        self.step = torch.compile(self._forward, options=options, fullgraph=True, isolate_recompiles=True)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:

@@ -5,10 +5,13 @@ Three modes (`--quantize`):
   (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int4pack_mm` on
   CUDA); activations stay in the compute dtype.
 - `w8a8`: int8 weights as `int8`, and each token's activations quantized to int8 on the fly (one
-  absmax scale per row) so the product is an integer matmul (`torch._int_mm`, VNNI on this CPU),
-  as llama.cpp's Q8_0 does with its blocks of 32. At the 15B's size on this CPU it decodes 1.5x
-  faster than `int8` and reaches the first token 5-6x sooner, for about twice int8's drift
-  (bench/README.md). Same stored tensors as `int8`.
+  absmax scale per row) so the product is an integer matmul, as llama.cpp's Q8_0 does with its
+  blocks of 32. At the 15B's size on this CPU it decodes 1.5x faster than `int8` and reaches the
+  first token 5-6x sooner, for about twice int8's drift (bench/README.md). Same stored tensors as
+  `int8`. On CPU the weight is held in oneDNN's own blocked layout (`onednn.qlinear_prepack`, what
+  inductor's x86 int8 path uses) and multiplied by `onednn.qlinear_pointwise`: at the 15B's widths
+  1.2x `torch._int_mm`'s speed at one row and 2-2.6x at 4-16 rows (bench/README.md); elsewhere
+  `torch._int_mm`. Both give the same values (exact int32 sums, the same two fp32 scalings).
 torchao 0.18's eager int8 path was 10x slower here, so torchao is not used.
 
 What is quantized (`quantize_modules`):
@@ -39,6 +42,8 @@ gradient matmul's own cost).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +53,29 @@ INT4_GROUP = 128
 _ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
 _CPU_INT4_TILE = 64  # rows per tile of the CPU int4 layout (when the output width is a multiple of it)
 DEQUANT_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the backward or export holds (32 MB in bf16)
+
+
+_ONEDNN_QLINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+_PREPACKED: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+
+
+def _onednn_qlinear(qx: torch.Tensor, layer: Int8Linear) -> torch.Tensor:
+    """fp32 (qx - 128) @ q.T * scale for uint8 qx [m, in] and the layer's prepacked q."""
+    return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, layer.qweight, layer._weight_scales, layer._zero_points,
+                                              None, 1.0, 0, torch.float32, "none", [], "")
+
+
+@torch.library.custom_op("phi4rv::onednn_qlinear", mutates_args=())
+def onednn_qlinear(qx: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """The same product for compiled code, which cannot trace oneDNN's opaque tensors: the layer is named by a key."""
+    return _onednn_qlinear(qx, _PREPACKED[key])
+
+
+@onednn_qlinear.register_fake
+def _(qx, key, out_features):
+    return qx.new_empty(qx.shape[0], out_features, dtype=torch.float32)
 
 
 def check_mode(mode: str | None) -> str | None:
@@ -83,6 +111,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, dtype
         self.dynamic_activations = dynamic_activations
+        self._packed_key: int | None = None  # set when qweight is in oneDNN's layout (see _PREPACKED)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
@@ -105,14 +134,41 @@ class Int8Linear(nn.Module):
         self.set_quantized(q, scales, device)
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, device: torch.device | str) -> None:
-        self.qweight = q.to(device)
         self.scales = scales.to(device=device, dtype=self.compute_dtype)
+        if self.dynamic_activations and torch.device(device).type == "cpu" and _ONEDNN_QLINEAR:
+            self.qweight = torch.ops.onednn.qlinear_prepack(q.to(device), None)  # [in, out], opaque blocked layout
+            self._weight_scales = self.scales.float()  # what the op takes: fp32 per output row, zero points 0
+            self._zero_points = torch.zeros(1, dtype=torch.int64)
+            self._packed_key = id(self)
+            _PREPACKED[self._packed_key] = self
+        else:
+            self.qweight = q.to(device)
+            self._packed_key = None
+
+    @property
+    def prepacked(self) -> bool:
+        return self._packed_key is not None
+
+    def int8_weight(self) -> torch.Tensor:
+        """q as a plain int8 [out, in] tensor (a copy when the weight is prepacked)."""
+        return self.qweight.to_dense().t().contiguous() if self.prepacked else self.qweight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.int8_weight()  # never the opaque layout
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "qweight"
+        if not self.prepacked or key not in state_dict:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        rest = {k: v for k, v in state_dict.items() if k != key}  # scales and bias load as usual, then q is packed
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys.remove(key)
+        self.set_quantized(state_dict[key], self.scales, "cpu")
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.to(self.compute_dtype) * self.scales[:, None]
-
-    def dequantized_rows(self, r0: int, r1: int) -> torch.Tensor:
-        return self.qweight[r0:r1].to(self.compute_dtype) * self.scales[r0:r1, None]
+        return self.int8_weight().to(self.compute_dtype) * self.scales[:, None]
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if self.dynamic_activations:
@@ -124,19 +180,29 @@ class Int8Linear(nn.Module):
     def _int_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         a = x2.float()
         sx = a.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127.0  # [m, 1]
-        qx = (a / sx).round_().to(torch.int8)  # not in place: a may be the caller's fp32 input
+        qx = (a / sx).round_()  # not in place: a may be the caller's fp32 input
         m = qx.shape[0]
+        if self.prepacked:  # qx + 128 as uint8 with zero point 128: the same sums (signed s8 has no fast kernel)
+            qx = qx.add_(128).to(torch.uint8)
+            if torch.compiler.is_compiling():
+                y = onednn_qlinear(qx, self._packed_key, self.out_features)
+            else:
+                y = _onednn_qlinear(qx, self)
+            return (y * sx).to(self.compute_dtype)  # fp32(acc) * scale, then * sx: as below
+        qx = qx.to(torch.int8)
         if x2.device.type == "cuda" and m <= 16:  # CUDA's _int_mm wants more than 16 rows
             qx = F.pad(qx, (0, 0, 0, 17 - m))
         acc = torch._int_mm(qx, self.qweight.t())[:m]  # [m, out] int32; the transposed view is the fast layout
-        return (acc * sx * self.scales).to(self.compute_dtype)  # int32 * fp32 promotes to fp32
+        return (acc.float() * self.scales.float() * sx).to(self.compute_dtype)
 
     def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         """grad_y @ W, W rebuilt a block of rows at a time."""
         rows = max(1, DEQUANT_BLOCK_ELEMENTS // self.in_features)
+        q = self.int8_weight()
         grad_x = torch.zeros(grad_y.shape[0], self.in_features, dtype=grad_y.dtype, device=grad_y.device)
         for r in range(0, self.out_features, rows):
-            grad_x.addmm_(grad_y[:, r : r + rows], self.dequantized_rows(r, r + rows).to(grad_y.dtype))
+            w = q[r : r + rows].to(self.compute_dtype) * self.scales[r : r + rows, None]
+            grad_x.addmm_(grad_y[:, r : r + rows], w.to(grad_y.dtype))
         return grad_x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
