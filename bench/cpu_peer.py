@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--q4-output", choices=["llama", "q8_0"], default="llama",
                    help="llama.cpp Q4_0's output.weight: its default (Q6_K) or Q8_0 (phi4rv int4's LM head bits)")
+    p.add_argument("--modes", default=",".join(PAIRS), help="phi4rv's sides, of " + ", ".join(PAIRS) +
+                   " (fewer sides leave room for more --layers)")
     p.add_argument("--out", type=Path, default=None, help="keep the checkpoint and GGUF files here (default: temporary)")
     add_common_args(p, repeats=3, warmup=1)
     p.set_defaults(device="cpu", dtype="bfloat16", threads=2)
@@ -136,18 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
         args.prompt_tokens, args.new_tokens = min(args.prompt_tokens, 16), min(args.new_tokens, 8)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode speed counts the tokens after the first)")
+    unknown = set(args.modes.split(",")) - set(PAIRS)
+    if unknown:
+        raise SystemExit(f"unknown --modes {', '.join(sorted(unknown))}; choose from {', '.join(PAIRS)}")
+    pairs = {mode: t for mode, t in PAIRS.items() if mode in args.modes.split(",")}
     device, dtype = setup(args)
     llama_cpp = check_llamacpp(args.llama_cpp)
     cfg = peer_config(args.tiny, args.layers)
     dcfg = cfg.decoder
 
     # What this run will hold: both phi4rv models, both GGUF files (memory-mapped), the checkpoint's page cache aside.
-    ours_need = sum(estimate_load_bytes(cfg, dtype, q) for q in PAIRS)
+    ours_need = sum(estimate_load_bytes(cfg, dtype, q) for q in pairs)
     # Q8_0 is 34 bytes per 32 weights, Q4_0 18: of the decoder's parameters (a bound; Q4_0's output is <= 8.5 bits)
     n_dec = dcfg.vocab_size * dcfg.hidden_size * 2 + dcfg.num_hidden_layers * (
         dcfg.hidden_size * (dcfg.num_attention_heads + 2 * dcfg.num_key_value_heads) * dcfg.head_dim
         + dcfg.num_attention_heads * dcfg.head_dim * dcfg.hidden_size + 3 * dcfg.hidden_size * dcfg.intermediate_size)
-    need = ours_need + n_dec * (34 + 34) // 32 + int(1.5 * GB)
+    need = ours_need + n_dec * 34 * len(set(pairs.values())) // 32 + int(1.5 * GB)
     free = mem_available()
     if need > free:
         raise SystemExit(f"not enough memory: this run holds ~{need / GB:.1f} GB, {free / GB:.1f} GB available; "
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     pre = gguf_field(bf16_gguf, "tokenizer.ggml.pre")
     ggufs, quantize_s = {}, {}
     out_type = {"Q8_0": None, "Q4_0": None if args.q4_output == "llama" else llama_cpp.GGML_TYPE_Q8_0}
-    ftypes = {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
+    ftypes = {name: ftype for name, ftype in {"Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+                                               "Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}.items() if name in pairs.values()}
     for name, ftype in ftypes.items():
         ggufs[name] = root / f"peer-{name.lower()}.gguf"
         quantize_s[name] = quantize(bf16_gguf, ggufs[name], ftype, args.threads, out_type[name])
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     sides: dict[str, object] = {}
     bytes_per_token: dict[str, int] = {}
     load_s: dict[str, float] = {}
-    for mode, gguf_type in PAIRS.items():
+    for mode, gguf_type in pairs.items():
         t0 = time.perf_counter()
         model = load_model(ckpt, dtype=dtype, quantize=mode)
         load_s[f"phi4rv {mode}"] = time.perf_counter() - t0
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
             "same_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs),
         }
     comparisons = {}
-    for mode, gguf_type in PAIRS.items():
+    for mode, gguf_type in pairs.items():
         ours, theirs = figures[f"phi4rv {mode}"], figures[f"llama.cpp {gguf_type}"]
         comparisons[mode] = {
             "llama_type": gguf_type,

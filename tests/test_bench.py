@@ -119,6 +119,18 @@ def test_linear_backend_ratios_come_from_the_timings(tmp_path):
         assert 0 < r["err"]["oneDNN"] < 1e-4 and r["err"]["F.linear"] < 1e-4  # both full fp32 products
 
 
+def test_int8_backend_sides_agree_bitwise_and_ratios_come_from_the_timings(tmp_path):
+    _, fig = run_bench("int8_backend", tmp_path, "--rows", "1", "4")
+    check_machine(fig)
+    assert {(r["shape"], r["rows"]) for r in fig["results"]} == {(s, m) for s in ("tiny lm_head", "tiny gate_up")
+                                                                  for m in (1, 4)}
+    for r in fig["results"]:
+        slow, fast = r["_int_mm"], r["prepacked"]
+        assert r["equal"] and len(slow["times_s"]) >= 3 and len(fast["times_s"]) >= 3
+        assert r["ratio_median"] == pytest.approx(statistics.median(slow["times_s"]) / statistics.median(fast["times_s"]))
+        assert r["ratio_best"] == pytest.approx(min(slow["times_s"]) / min(fast["times_s"]))
+
+
 def test_structured_ratios_come_from_the_timings(tmp_path):
     _, fig = run_bench("structured", tmp_path, "--new-tokens", "6", "--batch", "1", "--warmup", "0")
     free = sorted(fig["runs"]["free_b1"]["per_token_s"])
