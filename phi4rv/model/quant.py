@@ -6,12 +6,12 @@ Three modes (`--quantize`):
   CUDA); activations stay in the compute dtype.
 - `w8a8`: int8 weights as `int8`, and each token's activations quantized to int8 on the fly (one
   absmax scale per row) so the product is an integer matmul, as llama.cpp's Q8_0 does with its
-  blocks of 32. At the 15B's size on this CPU it decodes 1.5x faster than `int8` and reaches the
-  first token 5-6x sooner, for about twice int8's drift (bench/README.md). Same stored tensors as
+  blocks of 32. At the 15B's size on this CPU it decodes 1.6-2.4x faster than `int8` and reaches
+  the first token ~7x sooner, for about twice int8's drift (bench/README.md). Same stored tensors as
   `int8`. On CPU the weight is held in oneDNN's own blocked layout (`onednn.qlinear_prepack`, what
   inductor's x86 int8 path uses) and multiplied by `onednn.qlinear_pointwise`: at the 15B's widths
-  1.2x `torch._int_mm`'s speed at one row and 2-2.6x at 4-16 rows (bench/README.md); elsewhere
-  `torch._int_mm`. Both give the same values (exact int32 sums, the same two fp32 scalings).
+  1.1-1.3x `torch._int_mm`'s speed at one row and 1.6-2.3x at 4-16 rows (bench/int8_backend.py);
+  elsewhere `torch._int_mm`. Both give the same values (exact int32 sums, the same two fp32 scalings).
 torchao 0.18's eager int8 path was 10x slower here, so torchao is not used.
 
 What is quantized (`quantize_modules`):
