@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi4rv.model.linear import Linear
+from phi4rv.model.linear import Linear, linear
 from phi4rv.model.quant import QuantLinear
 
 DECODER_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -51,7 +51,7 @@ class LoRALinear(nn.Linear):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # the base's product as `Linear` computes it (oneDNN for fp32 inference)
         a, b = self.lora_A, self.lora_B
         if not torch.is_autocast_enabled(x.device.type):
             a, b = a.to(x.dtype), b.to(x.dtype)

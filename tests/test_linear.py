@@ -38,3 +38,13 @@ def test_frozen_layers_in_training_keep_f_linear():
     m = Linear(256, 512).requires_grad_(False)
     x = torch.randn(64, 256)
     assert torch.equal(m(x), F.linear(x, m.weight, m.bias))
+
+
+def test_autocast_is_respected():
+    """Evaluation during a bf16 training run (autocast, no grad) multiplies in bf16, as the training steps do."""
+    torch.manual_seed(3)
+    m = Linear(64, 32)
+    x = torch.randn(5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = m(x), F.linear(x, m.weight, m.bias)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -4,7 +4,8 @@ PyTorch sends fp32 CPU matmuls to MKL, and MKL does not use AVX-512 on AMD CPUs:
 (bench/README.md, linear_backend.py) oneDNN ran a 2048^3 product at 2.2x MKL's GFLOP/s and the
 products of decode and prefill 1.2-3.9x faster (one row: MKL's gemv used one thread). bf16
 already goes to oneDNN. Training keeps `F.linear`, frozen parts included: the oneDNN op has no
-backward, and a training run's result should not depend on which library multiplied.
+backward, and a training run's result should not depend on which library multiplied. So does
+anything under autocast (a bf16 run's evaluation), which the oneDNN op would bypass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.dtype == weight.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()  # inference: training's products (frozen parts too) stay F.linear's
+        and not torch.is_autocast_enabled("cpu")  # training's evaluation under bf16 autocast multiplies as training does
     ):
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight, bias)
