@@ -2,8 +2,10 @@
 quantized activations) say, and a trained model keeps its greedy choices (int8, w8a8) or drifts by
 a bounded amount (int4)."""
 
+import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -118,6 +120,10 @@ def test_w8a8_prepacked_weight_gives_the_plain_integer_matmuls_values_state_and_
     other.load_state_dict(plain.state_dict())  # a plain state is packed as it loads
     x = torch.randn(5, k, dtype=dtype)
     assert other.prepacked and torch.equal(other(x), plain(x))
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(other)))  # the plain weight travels; the copy packs it again
+    assert clone.prepacked and clone._packed_key != other._packed_key and torch.equal(clone(x), plain(x))
+    moved = copy.deepcopy(other).to("meta")  # a move starts from the plain weight (the packed one has no storage)
+    assert moved.qweight.is_meta and moved.qweight.shape == (n, k) and not moved.prepacked
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     gy = torch.randn(5, n, dtype=dtype)
     packed(xa).backward(gy)

@@ -135,15 +135,41 @@ class Int8Linear(nn.Module):
 
     def set_quantized(self, q: torch.Tensor, scales: torch.Tensor, device: torch.device | str) -> None:
         self.scales = scales.to(device=device, dtype=self.compute_dtype)
-        if self.dynamic_activations and torch.device(device).type == "cpu" and _ONEDNN_QLINEAR:
-            self.qweight = torch.ops.onednn.qlinear_prepack(q.to(device), None)  # [in, out], opaque blocked layout
+        self.qweight, self._packed_key = q.to(device), None
+        self._pack()
+
+    def _pack(self) -> None:
+        """On CPU, w8a8's weight moves into oneDNN's blocked layout ([in, out], opaque)."""
+        if self.dynamic_activations and self.qweight.device.type == "cpu" and _ONEDNN_QLINEAR:
+            self.qweight = torch.ops.onednn.qlinear_prepack(self.qweight, None)
             self._weight_scales = self.scales.float()  # what the op takes: fp32 per output row, zero points 0
             self._zero_points = torch.zeros(1, dtype=torch.int64)
             self._packed_key = id(self)
             _PREPACKED[self._packed_key] = self
-        else:
-            self.qweight = q.to(device)
+
+    def _unpack(self) -> None:
+        self.qweight, self._packed_key = self.int8_weight(), None
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts (`.to`, `.half()`, `.cuda()`) start from the plain weight: the opaque one has no storage."""
+        if not self.prepacked:
+            return super()._apply(fn, recurse)
+        self._unpack()
+        super()._apply(fn, recurse)
+        self._pack()
+        return self
+
+    def __getstate__(self):  # deepcopy and pickle see the plain weight, and the copy packs it again
+        state = dict(super().__getstate__())
+        if self.prepacked:
+            state["_buffers"] = {**state["_buffers"], "qweight": self.int8_weight()}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._packed_key is not None:
             self._packed_key = None
+            self._pack()
 
     @property
     def prepacked(self) -> bool:
