@@ -56,8 +56,6 @@ DEQUANT_BLOCK_ELEMENTS = 1 << 24  # largest piece of a dequantized weight the ba
 
 
 _ONEDNN_QLINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
-
-
 _PREPACKED: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
 
 
@@ -183,15 +181,13 @@ class Int8Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "qweight"] = self.int8_weight()  # never the opaque layout
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "qweight"
-        if not self.prepacked or key not in state_dict:
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
-        rest = {k: v for k, v in state_dict.items() if k != key}  # scales and bias load as usual, then q is packed
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        missing_keys.remove(key)
-        self.set_quantized(state_dict[key], self.scales, "cpu")
+    def _load_from_state_dict(self, *args, **kwargs):  # a plain state loads into the plain weight, then is packed
+        packed = self.prepacked
+        if packed:
+            self._unpack()
+        super()._load_from_state_dict(*args, **kwargs)
+        if packed:
+            self._pack()
 
     def dequantized(self) -> torch.Tensor:
         return self.int8_weight().to(self.compute_dtype) * self.scales[:, None]
