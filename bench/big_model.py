@@ -38,7 +38,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the phi4rv command does
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, print_table
+from common import copy_bandwidth, cpu_model, print_table
 
 GB = 1e9
 # Peak RSS each mode may reach on the 24 GB machine (the issue's budget) and the free memory a
@@ -100,17 +100,9 @@ def phase_write(args) -> dict:
 
 
 def bandwidth(tiny: bool) -> float:
-    """Bytes per second a copy kernel moves (read + write, as `common.machine_rates` counts them;
+    """The copy kernel's bytes moved per second (read + write, as `common.machine_rates` counts them;
     a reduction is not a stable bandwidth figure), 256 MiB a side (16 MiB with --tiny), best of 5."""
-    src = torch.rand((16 if tiny else 256) * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best
+    return copy_bandwidth((16 if tiny else 256) * 2**20, torch.device("cpu"))
 
 
 def decode_bytes(model) -> int:

@@ -86,22 +86,22 @@ def machine_rates(device: torch.device, dtype: torch.dtype, tiny: bool = False) 
     - `read_bandwidth_bytes_per_s`: the bytes read alone in that copy (half the above);
     - `matmul_flops_per_s`: a square matmul of `dtype` (2048, 512 with `tiny`), best of 5.
     """
-    n = (64 if tiny else 1024) * 2**20 // 4
-    best_copy = _best_copy_time(n, device)
+    nbytes = (64 if tiny else 1024) * 2**20
+    copy = copy_bandwidth(nbytes, device)
     m = 512 if tiny else 2048
     a = torch.rand(m, m, device=device, dtype=dtype)
     b = torch.rand(m, m, device=device, dtype=dtype)
     a @ b
     best_mm = min(timed(lambda: a @ b, device)[0] for _ in range(5))
-    nbytes = n * 4
-    return {"copy_bandwidth_bytes_per_s": 2 * nbytes / best_copy, "read_bandwidth_bytes_per_s": nbytes / best_copy,
+    return {"copy_bandwidth_bytes_per_s": copy, "read_bandwidth_bytes_per_s": copy / 2,
             "matmul_flops_per_s": 2 * m**3 / best_mm, "copy_bytes": nbytes, "matmul_size": m}
 
 
-def _best_copy_time(n: int, device: torch.device) -> float:
-    src = torch.rand(n, device=device)
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Bytes read + written per second by `dst.copy_(src)` of `nbytes` a side, best of 5."""
+    src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
+    return 2 * nbytes / min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
 
 
 def print_rates(rates: dict[str, float]) -> None:

@@ -17,14 +17,6 @@ from phi4rv.generation.generate import generate
 NEW_TOKENS = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _room_for_every_graph():
-    # Graphs of every model this module compiles share one code object; torch's default limit
-    # (8 per code object) would silently fall back to eager, which the graph counts below catch.
-    with torch._dynamo.config.patch(recompile_limit=64):
-        yield
-
-
 def graphs() -> int:
     return counters["stats"]["unique_graphs"]
 

@@ -179,7 +179,8 @@ class Int8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = self.int8_weight()  # never the opaque layout
+        if self.prepacked:
+            destination[prefix + "qweight"] = self.int8_weight()  # never the opaque layout
 
     def _load_from_state_dict(self, *args, **kwargs):  # a plain state loads into the plain weight, then is packed
         packed = self.prepacked
