@@ -9,6 +9,7 @@ reported apart with the number of graphs compiled, not in the timed ones.
 
     python bench/decode_compile.py --preset tiny
     python bench/decode_compile.py --preset small --quantize none int8 --json out/decode_compile.json
+    python bench/decode_compile.py --preset small --batch 4 --slot-len 8192   # the server's slots
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from common import add_common_args, machine, print_machine, print_table, setup, 
 
 from phi4rv.config import preset
 from phi4rv.generation.compiled import COMPILE_MODES, compile_decode
-from phi4rv.generation.core import GenerationParams, Request
-from phi4rv.generation.generate import generate
+from phi4rv.generation.core import Core, GenerationParams, Request, Sequence
+from phi4rv.generation.generate import Generation, generate
 from phi4rv.model import Phi4RV
 from phi4rv.model.quant import quantize_modules
 from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_tokenizer
@@ -49,7 +50,27 @@ def build(cfg, mode: str, device, dtype, seed: int) -> tuple[Phi4RV, Phi4RV]:
     return eager, copy.deepcopy(eager)
 
 
-def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, warmup: int, repeats: int) -> dict:
+def in_slots(model: Phi4RV, tok, requests, params: GenerationParams, timing: dict, slot_len: int) -> list[Generation]:
+    """`generate` in slots of `slot_len` positions, as the server sizes them (its whole context)."""
+    core = Core(model, tok, len(requests), slot_len)
+    seqs = [Sequence(r, params, row=i) for i, r in enumerate(requests)]
+    out = [Generation() for _ in requests]
+    events = core.admit(seqs)
+    t0 = time.perf_counter()
+    while True:
+        for e in events:
+            out[e.row].token_ids.append(e.token_id)
+        active = [s for s in seqs if not s.finished]
+        if not active:
+            break
+        events = core.step(active)
+    sync(model.device)
+    timing["decode"] = time.perf_counter() - t0
+    return out
+
+
+def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, warmup: int, repeats: int,
+             slot_len: int | None = None) -> dict:
     params = GenerationParams(max_new_tokens=new_tokens)
     b = len(requests)
     runs: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -61,7 +82,10 @@ def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, 
             before = counters["stats"]["unique_graphs"]
             sync(device)
             t0 = time.perf_counter()
-            out = generate(models[side], tok, requests, params, timing)
+            if slot_len is None:
+                out = generate(models[side], tok, requests, params, timing)
+            else:
+                out = in_slots(models[side], tok, requests, params, timing, slot_len)
             sync(device)
             total = time.perf_counter() - t0
             graphs[side] += counters["stats"]["unique_graphs"] - before
@@ -89,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--slot-len", type=int, help="KV slots of this many positions, as the server sizes them (default: "
+                   "prompt + new tokens, as generate does)")
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     add_common_args(p, repeats=3, warmup=1)
     args = p.parse_args(argv)
@@ -112,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             ids = torch.randint(0, min(NUM_REGULAR, cfg.decoder.vocab_size), (b, args.prompt_len), generator=g)
             requests = [Request(input_ids=row.tolist()) for row in ids]
             res = run_pair({"eager": eager, "compiled": compiled}, tok, requests, args.new_tokens, device,
-                           args.warmup, args.repeats)
+                           args.warmup, args.repeats, args.slot_len)
             results.append({"quantize": mode, **res})
             print(f"{mode} batch {b}: compiled / eager = {res['ratio_median']:.2f}x median", file=sys.stderr, flush=True)
         del eager, compiled
@@ -121,9 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.device("meta"):
         n_params = sum(t.numel() for t in Phi4RV(cfg).decoder.parameters())
     print_machine(info)
+    slots = f"slots of {args.slot_len} positions" if args.slot_len else "slots as generate sizes them"
     print(f"model: preset {args.preset} (decoder hidden {cfg.decoder.hidden_size}, {cfg.decoder.num_hidden_layers} layers, "
           f"vocab {cfg.decoder.vocab_size}; {n_params / 1e6:.0f}M decoder parameters), random weights; prompt {args.prompt_len} random ids, exactly "
-          f"{args.new_tokens} new tokens greedy; compile mode {args.compile_mode!r}; {args.warmup} warm-up + "
+          f"{args.new_tokens} new tokens greedy, {slots}; compile mode {args.compile_mode!r}; {args.warmup} warm-up + "
           f"{args.repeats} timed runs per side, alternating")
     rows = []
     for r in results:
@@ -138,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['quantize']} batch {r['batch']}: compiled / eager decode tok/s = {r['ratio_median']:.2f}x median, "
               f"{r['ratio_min']:.2f}x min times; token ids {'identical' if r['tokens_identical'] else 'DIFFER'}")
     figures = {"benchmark": "decode_compile", "machine": info,
-               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "slot_len": args.slot_len,
                           "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats,
                           "decoder_parameters": n_params},
                "results": results}

@@ -50,7 +50,8 @@ def pair(request, tiny_ckpt):
 
 def test_compiled_greedy_decode_matches_eager_with_bounded_compiles(pair):
     eager, compiled = pair
-    runs = [prompts([7]), prompts([5, 12, 9]), prompts([30]), prompts([3, 17])]
+    # the last run's step attends over 256 positions, then (past them) over its whole slot
+    runs = [prompts([7]), prompts([5, 12, 9]), prompts([30]), prompts([3, 17]), prompts([250, 240])]
     counts = []
     for requests in runs:
         before = graphs()
@@ -59,7 +60,7 @@ def test_compiled_greedy_decode_matches_eager_with_bounded_compiles(pair):
         assert_same(generate(eager.model, eager.tokenizer, requests, greedy()), out)
     # batch 1 compiles once, any larger batch once more; other lengths and batch sizes reuse them
     # (an unchanged count over 20 tokens also says no token recompiled)
-    assert counts[0] <= 1 and counts[1] <= 1 and counts[2:] == [0, 0]
+    assert counts[0] <= 1 and counts[1] <= 1 and counts[2:] == [0, 0, 0], counts
     assert sum(counts) >= 1  # this model was compiled at all (not run eagerly after a fallback)
 
 
@@ -73,7 +74,7 @@ def test_compiled_server_decode_matches_eager(pair):
     served = run_engine(compiled, requests, mine, max_batch=3, timeout=300)
     errors = [e for events in served for e in events if isinstance(e, BaseException)]
     assert not errors, errors[0]
-    assert graphs() - before <= 2  # slots > 1 with batch 1, and any larger batch
+    assert graphs() - before <= 2  # batch 1 and any larger batch (none when the test above compiled them)
     for r, p, events in zip(requests, mine, served):
         alone = generate(eager.model, eager.tokenizer, [r], p)[0]
         assert [e.token_id for e in events] == alone.token_ids

@@ -201,6 +201,32 @@ def test_an_image_seen_before_is_not_encoded_again(cm, images_dir, shared_text):
     assert reused >= end if shared_text else begin < reused < end  # both cases happened as described
 
 
+def test_a_sequence_leaving_mid_batch_leaves_no_hole(cm):
+    """The middle of three sequences stops first: the last moves down into its slot, so the two
+    left are read as views of the cache (not gathered), and every sequence still gets the tokens
+    it gets alone."""
+    requests = [req(cm, "Hello there"), req(cm, "Hi"), req(cm, "Short answer please")]
+    lengths = [8, 2, 8]
+    seqs = [Sequence(r, params(n), row=i) for i, (r, n) in enumerate(zip(requests, lengths))]
+    core = Core(cm.model, cm.tokenizer, slots=3, slot_len=128)
+    tokens = [[] for _ in seqs]
+    events, slots_seen = core.admit(seqs), []
+    while events:
+        for e in events:
+            tokens[e.row].append(e.token_id)
+        for s in seqs:
+            if s.finished and s.slot >= 0:
+                core.release(s)
+        active = [s for s in seqs if not s.finished]
+        events = core.step(active) if active else []
+        if active:
+            assert core.cache.span == slice(0, len(active))
+            slots_seen.append([s.slot for s in seqs])
+    assert [0, -1, 1] in slots_seen and len(tokens[2]) > 2  # the last did run on in the middle's slot
+    for r, n, got in zip(requests, lengths, tokens):
+        assert got == generate(cm.model, cm.tokenizer, [r], params(n))[0].token_ids
+
+
 def test_a_failing_request_fails_alone(cm, images_dir):
     good = req(cm, "Hello", [images_dir / "photo.jpg"])
     bad = Request(list(good.input_ids), [ImagePatches(torch.zeros(3, 5), (1, 3))])  # patches of the wrong width

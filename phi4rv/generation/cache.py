@@ -17,7 +17,10 @@ class SlotCache:
     """Keys/values for `slots` sequences: [slots, kv_heads, slot_len, head_dim] per layer."""
 
     def __init__(self, cfg: DecoderConfig, slots: int, slot_len: int, device, dtype):
-        shape = (slots, cfg.num_key_value_heads, slot_len, cfg.head_dim)
+        # One spare position, never written: a view of a slot's first positions is then never the
+        # whole slot, so the compiled step sees one memory layout (a contiguous view would compile
+        # a graph of its own, mid-generation).
+        shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots
@@ -57,6 +60,13 @@ class SlotCache:
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    def move(self, src: int, dst: int) -> None:
+        """Moves a sequence's keys/values from slot `src` to the free slot `dst`."""
+        n = self.lengths[src]
+        for t in self.k + self.v:
+            t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
 
     def copy_prefix(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Start `slot` with stored keys/values ([kv_heads, n, head_dim] per layer) of a prompt prefix."""

@@ -1,14 +1,15 @@
 """`torch.compile` of the one-token decode step (`--compile`; prefill stays eager).
 
 Shapes are kept compile-friendly so that a model compiles a bounded number of times, not once
-per token: the step attends over each slot's whole preallocated length with a length mask (as
-gpt-fast does), so the cache's shape does not grow with every token, and the batch (how many
-slots run) and the slot length are marked dynamic, so sequences joining and leaving the server's
-batch, or a new prompt length in chat, reuse the same graph. Batch 1 gets graphs of its own
-(torch specialises sizes 0 and 1): at most three (batch 1 in a one-slot cache, batch 1 among more
-slots, any larger batch) cover every batch size and slot length. The step writes the new token's
-keys/values into the `SlotCache` tensors in place and returns the LM head's logits; picking the
-token stays in Python (`core.pick`). In bf16/fp16 the compiled step rounds where eager rounds
+per token: the step attends over the first `attended` positions of its slots with a length mask
+(as gpt-fast attends over its whole cache), a power of two that changes a few times in a
+sequence's life, not at every token; that length, the batch (how many slots run) and the slot
+length are marked dynamic, so sequences joining and leaving the server's batch, or a new prompt
+length in chat, reuse the same graph. Batch 1 gets a graph of its own (torch specialises sizes 0
+and 1): two graphs cover every batch size and length. The step takes views of the `SlotCache`
+tensors (one call per run of consecutive slots; `Core` keeps the running slots consecutive),
+writes the new token's keys/values into them in place and returns the LM head's logits; picking
+the token stays in Python (`core.pick`). In bf16/fp16 the compiled step rounds where eager rounds
 (`emulate_precision_casts`); its sums still run in another order, so a near-tie can flip a token.
 
 Nothing in the step is CPU-only: the weight-only kernels pick their CUDA variants by the
@@ -39,21 +40,40 @@ def check_compile_mode(mode: str | bool | None) -> str | None:
     return mode
 
 
-class WholeSlots:
-    """The decoder's cache calls over whole slots: `update` writes one new position per row and
-    returns every position of the bound slots (a shape fixed by the slot length, not the step)."""
+class SlotViews:
+    """The decoder's cache calls over the bound slots (views of the cache): `update` writes one
+    new position per row in place and returns the first `span` positions (a length set by
+    `attended`, not by the step)."""
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], rows: torch.Tensor, positions: torch.Tensor):
-        self.k, self.v, self.rows, self.positions = k, v, rows, positions
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor, span: int):
+        self.k, self.v, self.positions, self.span = k, v, positions, span
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: [B, kv_heads, 1, head_dim]; the cache: [slots, kv_heads, slot_len, head_dim]
-        self.k[layer][self.rows, :, self.positions] = k[:, :, 0]
-        self.v[layer][self.rows, :, self.positions] = v[:, :, 0]
-        return self.k[layer][self.rows], self.v[layer][self.rows]
+        # k, v: [B, kv_heads, 1, head_dim]; the slots: [B, kv_heads, slot_len, head_dim]
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[layer][rows, :, self.positions] = k[:, :, 0]
+        self.v[layer][rows, :, self.positions] = v[:, :, 0]
+        return self.k[layer][:, :, : self.span], self.v[layer][:, :, : self.span]
 
     def advance(self, n: int) -> None:
         pass  # lengths are the SlotCache's, advanced by the caller
+
+
+def attended(end: int, slot_len: int) -> int:
+    """Positions a step attends over when its longest row ends at `end`: a power of two of at
+    least 256 (few shapes, for CUDA graphs' sake) and at most the slot. Attending over the whole
+    slot would read a server's (context-long) slots in full at every token."""
+    return min(slot_len, max(256, 1 << (end - 1).bit_length()))
+
+
+def consecutive_runs(slots: list[int]) -> list[tuple[int, int]]:
+    """(start, end) indices into `slots` of its runs of consecutive slot numbers."""
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    return runs
 
 
 class CompiledDecode:
@@ -68,32 +88,39 @@ class CompiledDecode:
         # Every model's step is this one method: its graphs are its own, not counted against another model's limit.
         self.step = torch.compile(self._forward, options=options, fullgraph=True, isolate_recompiles=True)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, span: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor]) -> torch.Tensor:
-        slot_len = k[0].shape[2]
-        visible = torch.arange(slot_len, device=positions.device)[None, :] <= positions[:, None]  # [B, S]
+        visible = span[None, :] <= positions[:, None]  # [B, S]; span: arange(S), its length dynamic
         x = self.decoder.embed_tokens(tokens[:, None])
-        h = self.decoder(x, positions[:, None], visible[:, None, None, :], WholeSlots(k, v, rows, positions))
+        h = self.decoder(x, positions[:, None], visible[:, None, None, :], SlotViews(k, v, positions, span.shape[0]))
         return self.decoder.lm_head(h[:, -1])
 
     def __call__(self, tokens: torch.Tensor, cache: SlotCache) -> torch.Tensor:
-        """[B] tokens for the slots bound in `cache` -> [B, V] logits; the slots advance by one."""
+        """[B] tokens for the slots bound in `cache` -> [B, V] logits; the slots advance by one.
+        Each run of consecutive slots is one call on views of the cache (`Core` keeps the running
+        slots consecutive), so nothing is gathered."""
         end = max(cache.lengths[s] for s in cache.slots) + 1
         if end > cache.slot_len:
             raise ValueError(f"KV cache slot full: {end} > {cache.slot_len} positions")
-        for t in (tokens, cache.rows, cache.starts):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        for t in cache.k + cache.v:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-            # CUDA graphs may then write the cache in place (a mutated input must have a fixed
-            # address); unguarded: a new cache re-records the graph instead of recompiling.
-            torch._dynamo.mark_static_address(t, guard=False)
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-        logits = self.step(tokens, cache.starts, cache.rows, cache.k, cache.v)
+        span = torch.arange(attended(end, cache.slot_len), device=tokens.device)
+        logits = []
+        for a, b in consecutive_runs(cache.slots):
+            first = cache.slots[a]
+            k = [t[first : first + b - a] for t in cache.k]
+            v = [t[first : first + b - a] for t in cache.v]
+            for t in (tokens, cache.starts, span):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            for t in k + v:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+                # CUDA graphs may then write the cache in place (a mutated input must have a fixed
+                # address); unguarded: a new cache re-records the graph instead of recompiling.
+                torch._dynamo.mark_static_address(t, guard=False)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+            logits.append(self.step(tokens[a:b], cache.starts[a:b], span, k, v))
         cache.advance(1)
-        return logits
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
 
 _COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledDecode] = weakref.WeakKeyDictionary()

@@ -502,6 +502,7 @@ class Core:
     def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
         """One decode step: each sequence feeds its last token and gets its next (events in `seqs`' order)."""
         model, device = self.model, self.model.device
+        self._close_holes(seqs)
         by_slot = sorted(seqs, key=lambda s: s.slot)  # consecutive slots in order are read as a view, not gathered
         self.cache.bind([s.slot for s in by_slot])
         if self.compiled is not None:
@@ -512,6 +513,19 @@ class Core:
             logits = model.decoder.lm_head(h[:, -1])
         events = dict(zip(map(id, by_slot), pick(logits, by_slot)))
         return [events[id(s)] for s in seqs]
+
+    def _close_holes(self, seqs: list[Sequence]) -> None:
+        """Moves the highest-slot sequences down into free slots below them (a sequence that left
+        mid-batch leaves a hole): the stepped slots then run consecutively and are read as views of
+        the cache, where a hole would have them gathered (copied) at every step."""
+        for s in sorted(seqs, key=lambda s: s.slot, reverse=True):
+            if not self.free or self.free[-1] > s.slot:  # self.free[-1]: the lowest free slot
+                break
+            hole = self.free.pop()
+            self.cache.move(s.slot, hole)
+            self.free.append(s.slot)
+            self.free.sort(reverse=True)
+            s.slot = hole
 
     def release(self, seq: Sequence) -> None:
         if seq.slot >= 0:

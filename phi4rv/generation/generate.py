@@ -67,13 +67,21 @@ def generate_stream(
     timing.update(core.timing)
     t0 = time.perf_counter()
     yield events
-    active = [s for s in seqs if not s.finished]
+    active = _running(core, seqs)
     while active:
         events = core.step(active)
-        active = [s for s in active if not s.finished]
+        active = _running(core, active)
         yield events
     _sync(model.device)
     timing["decode"] = time.perf_counter() - t0
+
+
+def _running(core: Core, seqs: list[Sequence]) -> list[Sequence]:
+    """The unfinished sequences; the finished ones give their slots back (the rest close up)."""
+    for s in seqs:
+        if s.finished:
+            core.release(s)
+    return [s for s in seqs if not s.finished]
 
 
 def generate(
