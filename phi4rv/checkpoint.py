@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from phi4rv.config import Phi4RVConfig
+from phi4rv.memory import available_memory
 from phi4rv.model import Phi4RV
 from phi4rv.model.decoder import RMSNorm
 from phi4rv.model.quant import (
@@ -202,20 +203,6 @@ def model_bytes(model: nn.Module, dtype: torch.dtype | None, stored: dict[str, t
         dt = dtype if dtype is not None and p.is_floating_point() else stored.get(name, p.dtype)
         total += p.numel() * dt.itemsize
     return total
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for new allocations on `device` (MemAvailable on CPU), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
 
 
 def estimate_load_bytes(cfg: Phi4RVConfig, dtype: torch.dtype, quantize: str | None, lm_head: bool = True) -> int:

@@ -11,6 +11,27 @@ from __future__ import annotations
 import torch
 
 from phi4rv.config import DecoderConfig
+from phi4rv.memory import available_memory
+
+KV_ALLOWANCE_BYTES = 512 * 2**20  # left free beside a new KV cache: a prefill's activations and logits
+
+
+class KVCacheTooLarge(ValueError):
+    """The KV cache asked for does not fit in the memory available; says what would."""
+
+    def __init__(self, slots: int, slot_len: int, per_position: int, free: int):
+        room = max(free - KV_ALLOWANCE_BYTES, 0)
+        self.fit_slots = room // (per_position * (slot_len + 1))  # sequences of this length
+        self.fit_len = max(room // (per_position * slots) - 1, 0)  # positions for this many sequences
+        gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+        self.head = (f"not enough memory for the KV cache: {slots} sequence(s) x {slot_len} positions need "
+                     f"~{gb(slots * (slot_len + 1) * per_position + KV_ALLOWANCE_BYTES)}, {gb(free)} available")
+        super().__init__(self.hint(f"{{}} sequence(s) of {slot_len} positions", f"{slots} sequence(s) of {{}} positions"))
+
+    def hint(self, fewer: str, shorter: str) -> str:
+        """The message, with what would fit phrased by `fewer` and `shorter` (templates of a number)."""
+        options = [t.format(n) for t, n in ((fewer, self.fit_slots), (shorter, self.fit_len)) if n > 0]
+        return f"{self.head}; " + (" or ".join(options) + " would fit" if options else "nothing fits: free memory")
 
 
 class SlotCache:
@@ -21,6 +42,10 @@ class SlotCache:
         # whole slot, so the compiled step sees one memory layout (a contiguous view would compile
         # a graph of its own, mid-generation).
         shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
+        per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+        free = available_memory(torch.device(device))
+        if free is not None and slots * (slot_len + 1) * per_position + KV_ALLOWANCE_BYTES > free:
+            raise KVCacheTooLarge(slots, slot_len, per_position, free)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots

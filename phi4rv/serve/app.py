@@ -45,6 +45,7 @@ class ServeSettings:
     served_model_name: str
     api_key: str | None = None
     max_batch: int = 8
+    max_context: int | None = None  # positions per sequence, prompt and answer (default: the model's max_length)
     max_queue: int = 64
     allow_local_images: Path | None = None
     allow_remote_images: bool = False
@@ -242,7 +243,7 @@ async def _answer(send, status: int, obj: dict) -> None:
 
 
 def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
-    engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue,
+    engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue, settings.max_context,
                     prefix_cache_bytes=settings.prefix_cache_bytes)
     image_cache = PatchCache(settings.image_cache_bytes) if settings.image_cache_bytes > 0 else None
     metrics = Metrics(engine, image_cache)

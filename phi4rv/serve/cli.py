@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from phi4rv.checkpoint import DTYPES
+from phi4rv.generation.cache import KVCacheTooLarge
 from phi4rv.generation.compiled import COMPILE_MODES
 
 
@@ -22,6 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
         max_batch=args.max_batch,
+        max_context=args.max_context,
         max_queue=args.max_queue,
         allow_local_images=args.allow_local_images,
         allow_remote_images=args.allow_remote_images,
@@ -36,7 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         image_cache_bytes=int(args.image_cache_mb * 2**20),
     )
-    app = create_app(cm, settings)
+    try:
+        app = create_app(cm, settings)
+    except KVCacheTooLarge as e:
+        raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
     engine = app.state.engine
     print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
           f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
@@ -52,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
     s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    s.add_argument("--max-context", type=int, default=None,
+                   help="positions per sequence, prompt and answer together (KV cache slot length; default: the model's max_length)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds")

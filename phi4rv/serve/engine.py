@@ -64,7 +64,10 @@ class Engine:
         prefix_cache_bytes: int = 0,
     ):
         self.max_queue = max_queue
-        slot_len = slot_len or min(model.cfg.max_length, model.cfg.decoder.max_position_embeddings)
+        positions = model.cfg.decoder.max_position_embeddings
+        if slot_len is not None and not 1 <= slot_len <= positions:
+            raise ValueError(f"context of {slot_len} positions: the model has 1 to {positions}")
+        slot_len = slot_len or min(model.cfg.max_length, positions)
         self.core = Core(model, tokenizer, max_batch, slot_len, prefix_cache_bytes)
         self.queue: deque[EngineRequest] = deque()
         self.active: list[EngineRequest] = []

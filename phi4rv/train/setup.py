@@ -22,6 +22,7 @@ from phi4rv.checkpoint import (
 )
 from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.lora import apply_lora
+from phi4rv.memory import available_memory
 from phi4rv.model.quant import quantize_modules
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.chat import DEFAULT_CHAT_TEMPLATE
@@ -190,14 +191,8 @@ def device_memory(cfg: TrainConfig, d: Dist) -> int | None:
         return parse_size(cfg.device_memory)
     if d.device.type == "cuda":
         return torch.cuda.get_device_properties(d.device).total_memory
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
-                return int(line.split()[1]) * 1024 // max(local, 1)
-    except OSError:
-        pass
-    return None
+    free = available_memory(d.device)
+    return None if free is None else free // max(int(os.environ.get("LOCAL_WORLD_SIZE", d.world)), 1)
 
 
 def check_memory(cfg: TrainConfig, mc: Phi4RVConfig, d: Dist) -> None:
