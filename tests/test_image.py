@@ -353,7 +353,7 @@ def test_patch_cache_processes_the_same_bytes_once_per_setting(tmp_path):
     assert cache.process(bytes(data[0]), cfg) is first and (cache.hits, cache.lookups) == (1, 2)
     assert cache.process(data[0], replace(cfg, max_num_patches=8)) is not first  # another budget: processed anew
     cache.process(data[1], cfg)  # over the byte budget: the least recently used entry goes
-    assert cache.nbytes <= cache.max_bytes and len(cache.entries) == 2
+    assert cache.nbytes <= 2 * size and len(cache.lru) == 2
     assert cache.process(data[0], cfg) is not first
     path = tmp_path / "a.png"
     path.write_bytes(data[2])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +21,7 @@ from phi4rv.generation.cache import SlotCache
 from phi4rv.generation.compiled import compiled_decode
 from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
+from phi4rv.memory import ByteLRU
 from phi4rv.model.vlm import Phi4RV, image_segment_ids
 from phi4rv.processing.image import ImagePatches
 from phi4rv.processing.reasoning import MODES, THINK_END, THINK_START
@@ -291,10 +291,13 @@ class PrefixStore:
     """
 
     def __init__(self, max_bytes: int, block: int = 32):
-        self.max_bytes, self.block = max_bytes, block
-        self.entries: OrderedDict[bytes, list[torch.Tensor]] = OrderedDict()  # KV block: keys then values per layer
-        self.nbytes = 0
+        self.block = block
+        self.lru = ByteLRU(max_bytes)  # a KV block: keys then values per layer; an image: [features]
         self.hits = self.lookups = 0  # prompt positions served from the store / looked up
+
+    @property
+    def nbytes(self) -> int:
+        return self.lru.nbytes
 
     def keys(self, ids: list[int], images: list[ImagePatches]) -> list[bytes]:
         """One key per whole block of the expanded prompt, except a block holding its last position
@@ -323,46 +326,35 @@ class PrefixStore:
         """How many leading blocks of `keys` are stored."""
         n = 0
         for key in keys:
-            if key not in self.entries:
+            if self.lru.get(key) is None:
                 break
-            self.entries.move_to_end(key)
             n += 1
         return n
 
     def get(self, keys: list[bytes]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        blocks = [self.entries[key] for key in keys]
+        blocks = [self.lru.get(key) for key in keys]
         layers = len(blocks[0]) // 2
         return ([torch.cat([b[i] for b in blocks], dim=1) for i in range(layers)],
                 [torch.cat([b[layers + i] for b in blocks], dim=1) for i in range(layers)])
 
     def put(self, keys: list[bytes], cache: SlotCache, slot: int) -> None:
         for j, key in enumerate(keys):
-            if key not in self.entries:
+            if key not in self.lru:
                 a, b = j * self.block, (j + 1) * self.block
                 self._add(key, [t[slot, :, a:b].clone() for t in cache.k + cache.v])
 
     def features(self, image: bytes) -> torch.Tensor | None:
         """The stored vision features of the image with this content hash, if any."""
-        key = b"image:" + image
-        if key not in self.entries:
-            return None
-        self.entries.move_to_end(key)
-        return self.entries[key][0]
+        stored = self.lru.get(b"image:" + image)
+        return None if stored is None else stored[0]
 
     def put_features(self, image: bytes, feats: torch.Tensor) -> None:
         key = b"image:" + image
-        if key not in self.entries:
+        if key not in self.lru:
             self._add(key, [feats.clone()])
 
     def _add(self, key: bytes, value: list[torch.Tensor]) -> None:
-        size = sum(x.numel() * x.element_size() for x in value)
-        if size > self.max_bytes:
-            return
-        while self.nbytes + size > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= sum(x.numel() * x.element_size() for x in old)
-        self.entries[key] = value
-        self.nbytes += size
+        self.lru.put(key, value, sum(x.numel() * x.element_size() for x in value))
 
 
 class Core:

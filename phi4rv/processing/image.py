@@ -14,7 +14,6 @@ import math
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
 from typing import TYPE_CHECKING, Union
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from phi4rv.memory import ByteLRU
 
 if TYPE_CHECKING:
     from phi4rv.config import Phi4RVConfig
@@ -251,10 +252,13 @@ class PatchCache:
     used out first, within `max_bytes` of patches; shared by threads."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes, self.nbytes = max_bytes, 0
-        self.entries: OrderedDict[tuple, ImagePatches] = OrderedDict()
+        self.lru = ByteLRU(max_bytes)
         self.lock = threading.Lock()
         self.hits = self.lookups = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.lru.nbytes
 
     def process(self, source: ImageSource, cfg: ImageProcessorConfig) -> ImagePatches:
         if not isinstance(source, (bytes, bytearray)):  # a file or a caller's image may change: not cached
@@ -262,17 +266,11 @@ class PatchCache:
         key = (hashlib.blake2b(source, digest_size=16).digest(), astuple(cfg))
         with self.lock:
             self.lookups += 1
-            if key in self.entries:
+            cached = self.lru.get(key)
+            if cached is not None:
                 self.hits += 1
-                self.entries.move_to_end(key)
-                return self.entries[key]
+                return cached
         patches = process_image(source, cfg)
-        size = patches.pixels.numel() * patches.pixels.element_size()
         with self.lock:
-            if size <= self.max_bytes and key not in self.entries:
-                while self.nbytes + size > self.max_bytes:
-                    _, old = self.entries.popitem(last=False)
-                    self.nbytes -= old.pixels.numel() * old.pixels.element_size()
-                self.entries[key] = patches
-                self.nbytes += size
+            self.lru.put(key, patches, patches.pixels.numel() * patches.pixels.element_size())
         return patches
