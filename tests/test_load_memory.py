@@ -99,10 +99,10 @@ def test_quantized_load_stays_within_the_stated_bound(mid_ckpt):
 
 
 def test_init_writes_a_checkpoint_larger_than_its_memory_budget(tmp_path):
-    budget = 300 * MB
-    decoder = {"vocab_size": 100352, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6,
+    budget = 340 * MB
+    decoder = {"vocab_size": 100352, "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 10,
                "num_attention_heads": 8, "num_key_value_heads": 2}
     r = child(op="init", decoder=decoder, budget=budget, out=str(tmp_path / "ckpt"), shard=200 * MB)
     total, largest = stored(tmp_path / "ckpt")
-    assert total > 1.7 * budget  # 549 MB written under a 300 MB limit
+    assert total > 1.7 * budget  # 609 MiB written under a 340 MiB limit (peak growth measured: 283 MiB)
     assert r["growth"] <= min(budget, largest + SLACK), r["growth"] / MB
