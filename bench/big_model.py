@@ -38,7 +38,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the phi4rv command does
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_bandwidth, cpu_model, print_table
+from common import cpu_model, print_table, probe_bandwidth, probed_fraction
 
 GB = 1e9
 # Peak RSS each mode may reach on the 24 GB machine (the issue's budget) and the free memory a
@@ -99,12 +99,6 @@ def phase_write(args) -> dict:
             "shards": len(list(Path(args.dir).glob("model-*.safetensors")))}
 
 
-def bandwidth(tiny: bool) -> float:
-    """The copy kernel's bytes moved per second (read + write, as `common.machine_rates` counts them;
-    a reduction is not a stable bandwidth figure), 256 MiB a side (16 MiB with --tiny), best of 5."""
-    return copy_bandwidth((16 if tiny else 256) * 2**20, torch.device("cpu"))
-
-
 def decode_bytes(model) -> int:
     tensors = [t for n, t in [*model.decoder.named_parameters(), *model.decoder.named_buffers()] if not n.startswith("embed_tokens")]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -138,9 +132,9 @@ def phase_run(args) -> dict:
     for name, (messages, images) in prompts.items():
         runs = []
         for _ in range(args.repeats):
-            bw_before = bandwidth(args.tiny)
+            bw_before = probe_bandwidth(args.tiny)
             r = cm.chat(messages, images, mode="nothink", params=params)
-            bw_after = bandwidth(args.tiny)
+            bw_after = probe_bandwidth(args.tiny)
             n = r.usage["completion_tokens"]
             kv = model.cfg.decoder
             kv_bytes = 2 * kv.num_hidden_layers * kv.num_key_value_heads * kv.head_dim * 2 * (r.usage["prompt_tokens"] + n / 2)
@@ -249,13 +243,8 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
-STRADDLE = 1.15  # probes before / after a run further apart than this: the bandwidth switched during it
-
-
 def roofline_fraction(run: dict, decode_bytes: int) -> tuple[float, bool]:
-    """(bytes read per second while decoding / the mean of the adjacent probes, whether they agree)."""
-    before, after = run["bandwidth_before_after"]
-    return run["decode_tok_s"] * (decode_bytes + run["kv_bytes"]) / ((before + after) / 2), max(before, after) <= STRADDLE * min(before, after)
+    return probed_fraction(run["decode_tok_s"] * (decode_bytes + run["kv_bytes"]), *run["bandwidth_before_after"])
 
 
 def report(mode: str, r: dict) -> None:

@@ -105,6 +105,21 @@ def copy_bandwidth(nbytes: int, device: torch.device) -> float:
     return 2 * nbytes / min(timed(lambda: dst.copy_(src), device)[0] for _ in range(5))
 
 
+def probe_bandwidth(tiny: bool = False, device: torch.device = torch.device("cpu")) -> float:
+    """`copy_bandwidth` at 256 MiB a side (16 MiB with --tiny): short enough to run right before
+    and right after each timed run. This machine's bandwidth switches between levels (~43 and ~78
+    GB/s) from one minute to the next, so a probe minutes away from a run says little about it."""
+    return copy_bandwidth((16 if tiny else 256) * 2**20, device)
+
+
+STRADDLE = 1.15  # probes before / after a run further apart than this: the bandwidth switched during it
+
+
+def probed_fraction(bytes_per_s: float, before: float, after: float) -> tuple[float, bool]:
+    """(bytes read per second / the mean of the probes beside the run, whether the probes agree)."""
+    return bytes_per_s / ((before + after) / 2), max(before, after) <= STRADDLE * min(before, after)
+
+
 def print_rates(rates: dict[str, float]) -> None:
     print(f"machine rates: copy bandwidth {rates['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write; "
           f"{rates['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read), matmul "

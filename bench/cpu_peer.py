@@ -25,8 +25,9 @@ rounds dropped, `--repeats` rounds timed. Reported per side: decode tokens/s (fi
 it comes from the prefill's logits) median and best, prefill tokens/s median and best, the bytes
 read per decode step (every weight as stored, but the token embedding, a one-row gather; the KV
 cache is not counted: at prompt 64 + 32 new tokens and 2 layers it is < 1 MB) and decode as a
-fraction of the bandwidth roofline (bandwidth / bytes per token; bandwidth from `common.machine_rates`'
-copy kernel, read + write, best of 5, before and after the runs, the higher). The ratio
+fraction of the bandwidth roofline (bytes per token x tokens/s / the copy kernel's bandwidth,
+read + write, probed right before and right after each run; runs whose probes disagree are left
+out, see `common.probe_bandwidth`). The ratio
 phi4rv / llama.cpp at equal bits (int8 and w8a8 vs Q8_0, int4 vs Q4_0) on median and on best times, and
 whether the goal (>= 1.0x, issue 16) is met. Greedy agreement (common prefix) is printed for
 information only: the two quantizers round differently, so random weights need not agree.
@@ -57,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    STRADDLE,
     add_common_args,
     machine,
     machine_rates,
@@ -64,6 +66,8 @@ from common import (
     print_machine,
     print_rates,
     print_table,
+    probe_bandwidth,
+    probed_fraction,
     setup,
     write_json,
 )
@@ -217,7 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm: dict[str, list[float]] = {k: [] for k in order}
     for i in range(args.warmup + args.repeats):
         for name in order if i % 2 == 0 else order[::-1]:  # alternating, the order flipped each round
+            before = probe_bandwidth(args.tiny, device)
             r = run(name)
+            r["bandwidth_before_after"] = [before, probe_bandwidth(args.tiny, device)]
             if i < args.warmup:
                 warm[name].append(r["prefill_s"] + r["decode_s"])
             else:
@@ -225,19 +231,21 @@ def main(argv: list[str] | None = None) -> dict:
     peak = peak_rss_mib() / 1024  # before the closing bandwidth probe's 2 GiB
     rates_after = machine_rates(device, dtype, args.tiny)
     rates = max(rates_before, rates_after, key=lambda r: r["copy_bandwidth_bytes_per_s"])
-    bw = rates["copy_bandwidth_bytes_per_s"]
 
     figures: dict[str, dict] = {}
     for name, rs in runs.items():
         decode = [(n - 1) / r["decode_s"] for r in rs]
         prefill = [args.prompt_tokens / r["prefill_s"] for r in rs]
+        fractions = [probed_fraction(d * bytes_per_token[name], *r["bandwidth_before_after"]) for d, r in zip(decode, rs)]
+        steady = [f for f, agree in fractions if agree]
         figures[name] = {
             "decode_tok_s_median": statistics.median(decode), "decode_tok_s_best": max(decode),
             "prefill_tok_s_median": statistics.median(prefill), "prefill_tok_s_best": max(prefill),
             "decode_s": [r["decode_s"] for r in rs], "prefill_s": [r["prefill_s"] for r in rs], "warmup_s": warm[name],
             "bytes_per_token": bytes_per_token[name],
-            "roofline_tok_s": bw / bytes_per_token[name],
-            "roofline_fraction_median": statistics.median(decode) * bytes_per_token[name] / bw,
+            "bandwidth_before_after": [r["bandwidth_before_after"] for r in rs],
+            "roofline_fractions": [f for f, _ in fractions], "steady_runs": len(steady),
+            "roofline_fraction_median": statistics.median(steady) if steady else None,
             "load_s": load_s[name], "tokens": rs[-1]["tokens"],
             "same_every_run": all(r["tokens"] == rs[0]["tokens"] for r in rs),
         }
@@ -269,15 +277,17 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.warmup} warm-up + {args.repeats} timed rounds, all sides each round, order flipped every round")
     rows = []
     for name, f in figures.items():
+        frac = f["roofline_fraction_median"]
         rows.append([name, f["bytes_per_token"] / 1e6, f["prefill_tok_s_median"], f["prefill_tok_s_best"],
-                     f["decode_tok_s_median"], f["decode_tok_s_best"], f["roofline_tok_s"], f["roofline_fraction_median"],
-                     ", ".join(f"{t:.3g}" for t in f["warmup_s"])])
-    print_table(["side", "MB read/token", "prefill tok/s med", "best", "decode tok/s med", "best", "roofline tok/s",
-                 "roofline frac", "warm-up s"], rows)
-    print(f"roofline: memory bandwidth {bw / GB:.1f} GB/s (copy kernel, read + write, best of 5; "
-          f"{rates_before['copy_bandwidth_bytes_per_s'] / GB:.1f} before the runs, "
-          f"{rates_after['copy_bandwidth_bytes_per_s'] / GB:.1f} after) / bytes read per token "
-          f"(all weights as stored but the token embedding; KV cache not counted)")
+                     f["decode_tok_s_median"], f["decode_tok_s_best"], "-" if frac is None else f"{frac:.2f}",
+                     f"{f['steady_runs']}/{len(f['decode_s'])}", ", ".join(f"{t:.3g}" for t in f["warmup_s"])])
+    print_table(["side", "MB read/token", "prefill tok/s med", "best", "decode tok/s med", "best", "roofline frac",
+                 "steady runs", "warm-up s"], rows)
+    print(f"roofline fraction: bytes read per token (all weights as stored but the token embedding; KV cache not "
+          f"counted) x decode tokens/s / the copy kernel's bandwidth probed right before and after each run (256 MiB "
+          f"a side, read + write), median over the runs whose two probes agree within {STRADDLE:g}x (steady runs); "
+          f"{rates_before['copy_bandwidth_bytes_per_s'] / GB:.1f} GB/s before all runs, "
+          f"{rates_after['copy_bandwidth_bytes_per_s'] / GB:.1f} after")
     print()
     for mode, c in comparisons.items():
         print(f"{mode} vs {c['llama_type']}: phi4rv / llama.cpp decode tokens/s = {c['decode_ratio_median']:.2f}x median "

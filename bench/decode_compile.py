@@ -1,21 +1,21 @@
 """Decode throughput: eager vs `--compile` (torch.compile of the decode step), same weights.
 
-Two copies of one random model of a preset's shapes, one eager, one with its decode step compiled
-(`phi4rv.generation.compiled`); text-only prompts of random ids (the vision tower never runs);
-greedy, exactly `--new-tokens` tokens per row (no stop ids), the sides alternating run by run
-over `--repeats`. Decode tokens/s = batch x (new_tokens - 1) / the decode time `generate`
+One random model of a preset's shapes (or a checkpoint folder, `--model`: the 15B fits once, not
+twice), its decode step compiled (`phi4rv.generation.compiled`) and not, in turn, on the same
+weights; text-only prompts of random ids (the vision tower never runs); greedy, exactly
+`--new-tokens` tokens per row (no stop ids), the sides alternating run by run over `--repeats`. Decode tokens/s = batch x (new_tokens - 1) / the decode time `generate`
 reports (prefill, eager on both sides, is excluded). The compile is paid in the warm-up runs,
 reported apart with the number of graphs compiled, not in the timed ones.
 
     python bench/decode_compile.py --preset tiny
     python bench/decode_compile.py --preset small --quantize none int8 --json out/decode_compile.json
     python bench/decode_compile.py --preset small --batch 4 --slot-len 8192   # the server's slots
+    python bench/decode_compile.py --model DIR --dtype bfloat16 --quantize w8a8 --batch 1 --new-tokens 16
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -29,7 +29,8 @@ from torch._dynamo.utils import counters
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_args, machine, print_machine, print_table, setup, sync, write_json
 
-from phi4rv.config import preset
+from phi4rv.checkpoint import load_model
+from phi4rv.config import Phi4RVConfig, preset
 from phi4rv.generation.compiled import COMPILE_MODES, compile_decode
 from phi4rv.generation.core import Core, GenerationParams, Request, Sequence
 from phi4rv.generation.generate import Generation, generate
@@ -40,14 +41,16 @@ from phi4rv.processing.tokenizer import NUM_REGULAR, Tokenizer, build_phi4_token
 SIDES = ("eager", "compiled")
 
 
-def build(cfg, mode: str, device, dtype, seed: int) -> tuple[Phi4RV, Phi4RV]:
-    torch.manual_seed(seed)
-    eager = Phi4RV(cfg)
-    eager.init_weights(std=0.5)  # large weights: peaked distributions, greedy ties unlikely
-    eager = eager.to(device=device, dtype=dtype).eval()
+def build(args, mode: str, device, dtype) -> Phi4RV:
+    if args.model is not None:
+        return load_model(args.model, dtype=dtype, device=device, quantize=None if mode == "none" else mode)
+    torch.manual_seed(args.seed)
+    model = Phi4RV(preset(args.preset))
+    model.init_weights(std=0.5)  # large weights: peaked distributions, greedy ties unlikely
+    model = model.to(device=device, dtype=dtype).eval()
     if mode != "none":
-        quantize_modules(eager, mode, dtype)
-    return eager, copy.deepcopy(eager)
+        quantize_modules(model, mode, dtype)
+    return model
 
 
 def in_slots(model: Phi4RV, tok, requests, params: GenerationParams, timing: dict, slot_len: int) -> list[Generation]:
@@ -69,7 +72,7 @@ def in_slots(model: Phi4RV, tok, requests, params: GenerationParams, timing: dic
     return out
 
 
-def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, warmup: int, repeats: int,
+def run_pair(model: Phi4RV, compile_mode: str, tok, requests, new_tokens: int, device, warmup: int, repeats: int,
              slot_len: int | None = None) -> dict:
     params = GenerationParams(max_new_tokens=new_tokens)
     b = len(requests)
@@ -78,14 +81,15 @@ def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, 
     graphs = {s: 0 for s in SIDES}
     for i in range(warmup + repeats):
         for side in SIDES:  # alternate: other load on the machine hits both alike
+            compile_decode(model, compile_mode if side == "compiled" else None)  # the graphs are kept meanwhile
             timing: dict[str, float] = {}
             before = counters["stats"]["unique_graphs"]
             sync(device)
             t0 = time.perf_counter()
             if slot_len is None:
-                out = generate(models[side], tok, requests, params, timing)
+                out = generate(model, tok, requests, params, timing)
             else:
-                out = in_slots(models[side], tok, requests, params, timing, slot_len)
+                out = in_slots(model, tok, requests, params, timing, slot_len)
             sync(device)
             total = time.perf_counter() - t0
             graphs[side] += counters["stats"]["unique_graphs"] - before
@@ -109,6 +113,7 @@ def run_pair(models: dict[str, Phi4RV], tok, requests, new_tokens: int, device, 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model shapes (tiny: 13M parameters, small: 129M)")
+    p.add_argument("--model", type=Path, help="a checkpoint folder instead of a random preset (its weights, tokenizer and --dtype)")
     p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "int4", "w8a8"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt-len", type=int, default=32)
@@ -123,33 +128,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1: the first compiled runs pay the compile")
     device, dtype = setup(args)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        build_phi4_tokenizer(tok_dir)
-        tok = Tokenizer.from_dir(tok_dir)
-    cfg = preset(args.preset)
+    if args.model is not None:
+        tok, cfg = Tokenizer.from_dir(args.model), Phi4RVConfig.load(args.model)
+    else:
+        with tempfile.TemporaryDirectory() as tok_dir:
+            build_phi4_tokenizer(tok_dir)
+            tok = Tokenizer.from_dir(tok_dir)
+        cfg = preset(args.preset)
     info = machine(device, dtype)
 
     results = []
     g = torch.Generator().manual_seed(args.seed)
     for mode in args.quantize:
-        eager, compiled = build(cfg, mode, device, dtype, args.seed)
-        compile_decode(compiled, args.compile_mode)
+        model = build(args, mode, device, dtype)
         for b in args.batch:
             ids = torch.randint(0, min(NUM_REGULAR, cfg.decoder.vocab_size), (b, args.prompt_len), generator=g)
             requests = [Request(input_ids=row.tolist()) for row in ids]
-            res = run_pair({"eager": eager, "compiled": compiled}, tok, requests, args.new_tokens, device,
+            res = run_pair(model, args.compile_mode, tok, requests, args.new_tokens, device,
                            args.warmup, args.repeats, args.slot_len)
             results.append({"quantize": mode, **res})
             print(f"{mode} batch {b}: compiled / eager = {res['ratio_median']:.2f}x median", file=sys.stderr, flush=True)
-        del eager, compiled
+        del model
     info["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
 
     with torch.device("meta"):
         n_params = sum(t.numel() for t in Phi4RV(cfg).decoder.parameters())
     print_machine(info)
     slots = f"slots of {args.slot_len} positions" if args.slot_len else "slots as generate sizes them"
-    print(f"model: preset {args.preset} (decoder hidden {cfg.decoder.hidden_size}, {cfg.decoder.num_hidden_layers} layers, "
-          f"vocab {cfg.decoder.vocab_size}; {n_params / 1e6:.0f}M decoder parameters), random weights; prompt {args.prompt_len} random ids, exactly "
+    source = f"checkpoint {args.model}" if args.model else f"preset {args.preset}, random weights"
+    print(f"model: {source} (decoder hidden {cfg.decoder.hidden_size}, {cfg.decoder.num_hidden_layers} layers, "
+          f"vocab {cfg.decoder.vocab_size}; {n_params / 1e6:.0f}M decoder parameters); prompt {args.prompt_len} random ids, exactly "
           f"{args.new_tokens} new tokens greedy, {slots}; compile mode {args.compile_mode!r}; {args.warmup} warm-up + "
           f"{args.repeats} timed runs per side, alternating")
     rows = []
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['quantize']} batch {r['batch']}: compiled / eager decode tok/s = {r['ratio_median']:.2f}x median, "
               f"{r['ratio_min']:.2f}x min times; token ids {'identical' if r['tokens_identical'] else 'DIFFER'}")
     figures = {"benchmark": "decode_compile", "machine": info,
-               "config": {"preset": args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "slot_len": args.slot_len,
+               "config": {"preset": args.preset, "model": str(args.model) if args.model else None, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "slot_len": args.slot_len,
                           "compile_mode": args.compile_mode, "warmup": args.warmup, "repeats": args.repeats,
                           "decoder_parameters": n_params},
                "results": results}

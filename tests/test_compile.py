@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from phi4rv.chat_model import ChatModel
 from phi4rv.cli import main
-from phi4rv.generation.compiled import compiled_decode
+from phi4rv.generation.compiled import compile_decode, compiled_decode
 from phi4rv.generation.core import GenerationParams, Request
 from phi4rv.generation.generate import generate
 
@@ -79,6 +79,19 @@ def test_compiled_server_decode_matches_eager(pair):
         alone = generate(eager.model, eager.tokenizer, [r], p)[0]
         assert [e.token_id for e in events] == alone.token_ids
         assert [e.logprob for e in events] == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_eager_again_then_compiled_again_reuses_the_graphs(pair):
+    _, compiled = pair
+    model, tok, requests = compiled.model, compiled.tokenizer, prompts([9])
+    first = generate(model, tok, requests, greedy(8))
+    step, before = compiled_decode(model), graphs()
+    compile_decode(model, None)
+    assert compiled_decode(model) is None
+    assert_same(first, generate(model, tok, requests, greedy(8)))
+    assert compile_decode(model) is step
+    assert_same(first, generate(model, tok, requests, greedy(8)))
+    assert graphs() == before
 
 
 def test_chat_cli_compile_flag_gives_the_eager_answer(tiny_ckpt, capsys):

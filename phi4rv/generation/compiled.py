@@ -80,7 +80,7 @@ class CompiledDecode:
     """One decode step of `decoder`, compiled once per batch-size class (1, or more) with `mode`."""
 
     def __init__(self, decoder: nn.Module, mode: str = "default"):
-        self.decoder, self.mode = decoder, mode
+        self.decoder, self.mode, self.enabled = decoder, mode, True
         # Eager's roundings kept in bf16/fp16 (inductor would otherwise keep fused intermediates in
         # fp32): on one tiny-model prompt the first greedy difference came after 20 tokens, not 11.
         options = {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
@@ -128,16 +128,20 @@ _COMPILED: weakref.WeakKeyDictionary[nn.Module, CompiledDecode] = weakref.WeakKe
 
 def compile_decode(model: nn.Module, mode: str | bool | None = "default") -> CompiledDecode | None:
     """Make every generation `Core` over `model` run its decode steps compiled (`mode=None`: eager
-    again). The compiled step lives as long as the model, so later generate calls reuse it."""
+    again). The compiled step lives as long as the model, so later generate calls reuse it, and so
+    does compiling again with the same mode after a spell of eager decoding."""
     mode = check_compile_mode(mode)
-    if mode is None:
-        _COMPILED.pop(model, None)
-        return None
     current = _COMPILED.get(model)
+    if mode is None:
+        if current is not None:
+            current.enabled = False
+        return None
     if current is None or current.mode != mode:
         current = _COMPILED[model] = CompiledDecode(model.decoder, mode)
+    current.enabled = True
     return current
 
 
 def compiled_decode(model: nn.Module) -> CompiledDecode | None:
-    return _COMPILED.get(model)
+    current = _COMPILED.get(model)
+    return current if current is not None and current.enabled else None
