@@ -108,7 +108,8 @@ class CompiledDecode:
             first = cache.slots[a]
             k = [t[first : first + b - a] for t in cache.k]
             v = [t[first : first + b - a] for t in cache.v]
-            for t in (tokens, cache.starts, span):
+            run_tokens, positions = tokens[a:b], cache.starts[a:b]
+            for t in (run_tokens, positions, span):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             for t in k + v:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -118,7 +119,7 @@ class CompiledDecode:
                 torch._dynamo.mark_static_address(t, guard=False)
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
-            logits.append(self.step(tokens[a:b], cache.starts[a:b], span, k, v))
+            logits.append(self.step(run_tokens, positions, span, k, v))
         cache.advance(1)
         return logits[0] if len(logits) == 1 else torch.cat(logits)
 
