@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(["side", "MB read/token", "prefill tok/s med", "best", "decode tok/s med", "best", "roofline frac",
                  "steady runs", "warm-up s"], rows)
     print(f"roofline fraction: bytes read per token (all weights as stored but the token embedding; KV cache not "
-          f"counted) x decode tokens/s / the copy kernel's bandwidth probed right before and after each run (256 MiB "
+          f"counted) x decode tokens/s / the copy kernel's bandwidth probed right before and after each run ({16 if args.tiny else 256} MiB "
           f"a side, read + write), median over the runs whose two probes agree within {STRADDLE:g}x (steady runs); "
           f"{rates_before['copy_bandwidth_bytes_per_s'] / GB:.1f} GB/s before all runs, "
           f"{rates_after['copy_bandwidth_bytes_per_s'] / GB:.1f} after")
