@@ -92,18 +92,21 @@ def test_the_command_asks_torch_for_huge_pages_unless_told_otherwise():
 
 def test_a_kv_cache_that_cannot_fit_is_refused_with_what_would(tiny_ckpt, monkeypatch, capsys):
     """serve sizes 8 slots x the model's context by default: on a machine without the memory for
-    them it says which --max-batch or --max-context fits (checked: that one then starts)."""
+    them it serves as many as fit; a --max-batch asked for is refused with the --max-batch or
+    --max-context that fits (checked: that one then starts)."""
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
     budget = 512 * 2**20 + 3 * 4097 * per_position + 100  # fp32: room for 3 slots of the tiny model's 4096 positions
     monkeypatch.setattr("phi4rv.generation.cache.available_memory", lambda device: budget)
     ran = []
-    monkeypatch.setattr("phi4rv.serve.app.run", lambda app, host, port, level: ran.append(app.state.engine.slot_len))
+    monkeypatch.setattr("phi4rv.serve.app.run", lambda app, host, port, level: ran.append(
+        (len(app.state.engine.core.cache.lengths), app.state.engine.slot_len)))
     err = error_of(["serve", "--model", tiny_ckpt, "--max-batch", "8", "--dtype", "float32"], capsys)
     assert "KV cache" in err and "--max-batch 3 or --max-context 1535 would fit" in err, err
     serve = ["serve", "--model", str(tiny_ckpt), "--dtype", "float32"]
     assert main([*serve, "--max-batch", "3"]) == 0
     assert main([*serve, "--max-batch", "8", "--max-context", "1535"]) == 0
-    assert ran == [4096, 1535]
-    capsys.readouterr()
+    assert main(serve) == 0
+    assert ran == [(3, 4096), (8, 1535), (3, 4096)]
+    assert "serving 3 at once" in capsys.readouterr().err
     assert "context of 5000 positions" in error_of(["serve", "--model", tiny_ckpt, "--max-context", "5000"], capsys)

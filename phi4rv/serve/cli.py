@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch or ServeSettings.max_batch,
         max_context=args.max_context,
         max_queue=args.max_queue,
         allow_local_images=args.allow_local_images,
@@ -41,7 +41,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         app = create_app(cm, settings)
     except KVCacheTooLarge as e:
-        raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
+        if args.max_batch is not None or e.fit_slots == 0:
+            raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
+        # The default batch is "8, or as many as fit"; a batch the user asked for is never shrunk.
+        settings.max_batch = e.fit_slots
+        app = create_app(cm, settings)
+        print(f"{e.head}: serving {e.fit_slots} at once (--max-batch, --max-context to choose)", file=sys.stderr)
     engine = app.state.engine
     print(f"serving {settings.served_model_name!r} on http://{args.host}:{args.port} "
           f"({engine.core.cache.k[0].shape[0]} slots x {engine.slot_len} tokens, KV cache {engine.core.cache.nbytes / 2**20:.1f} MiB)",
@@ -56,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     s.add_argument("--served-model-name", default=None, help="default: the model folder's name")
-    s.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV cache slots)")
+    s.add_argument("--max-batch", type=int, default=None,
+                   help="sequences decoded together (KV cache slots; default 8, or as many as fit in memory)")
     s.add_argument("--max-context", type=int, default=None,
                    help="positions per sequence, prompt and answer together (KV cache slot length; default: the model's max_length)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
