@@ -227,6 +227,21 @@ def test_a_sequence_leaving_mid_batch_leaves_no_hole(cm):
         assert got == generate(cm.model, cm.tokenizer, [r], params(n))[0].token_ids
 
 
+def test_one_prefill_holds_at_most_a_slot_of_positions(cm, monkeypatch):
+    """Three queued prompts, room for two in the batch: prompts are prefilled together only while
+    (prompts x the longest) fits one slot, so a burst of long prompts cannot hold several slots'
+    worth of activations at once; each still gets its tokens."""
+    requests = [req(cm, "Hello there, how are you doing on this fine day?") for _ in range(3)]
+    n = requests[0].prompt_len
+    batches = []
+    admit = Core.admit
+    monkeypatch.setattr(Core, "admit", lambda self, seqs: batches.append(len(seqs)) or admit(self, seqs))
+    out = run_engine(cm, requests, params(4), max_batch=3, queued=True, slot_len=2 * n + 12)  # two fit, three do not
+    assert batches == [2, 1]
+    alone = generate(cm.model, cm.tokenizer, [requests[0]], params(4))[0].token_ids
+    assert all([e.token_id for e in events] == alone for events in out)
+
+
 def test_a_failing_request_fails_alone(cm, images_dir):
     good = req(cm, "Hello", [images_dir / "photo.jpg"])
     bad = Request(list(good.input_ids), [ImagePatches(torch.zeros(3, 5), (1, 3))])  # patches of the wrong width

@@ -13,19 +13,26 @@ import torch
 from phi4rv.config import DecoderConfig
 from phi4rv.memory import available_memory
 
-KV_ALLOWANCE_BYTES = 512 * 2**20  # left free beside a new KV cache: a prefill's activations and logits
+KV_ALLOWANCE_BYTES = 512 * 2**20  # left free beside a new KV cache, at the least: a prefill's activations and logits
+
+
+def prefill_bytes(cfg: DecoderConfig, tokens: int, dtype: torch.dtype) -> int:
+    """The largest activations a prefill of `tokens` positions holds at once, estimated: in a
+    block's MLP, its input and the normed input (hidden each), gate_up and the activation (3 x
+    intermediate). The 15B: 125 KiB a position, 1.0 GiB for the release's 8192."""
+    return tokens * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * dtype.itemsize
 
 
 class KVCacheTooLarge(ValueError):
     """The KV cache asked for does not fit in the memory available; says what would."""
 
-    def __init__(self, slots: int, slot_len: int, per_position: int, free: int):
-        room = max(free - KV_ALLOWANCE_BYTES, 0)
+    def __init__(self, slots: int, slot_len: int, per_position: int, free: int, allowance: int):
+        room = max(free - allowance, 0)
         self.fit_slots = room // (per_position * (slot_len + 1))  # sequences of this length
         self.fit_len = max(room // (per_position * slots) - 1, 0)  # positions for this many sequences
         gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
         self.head = (f"not enough memory for the KV cache: {slots} sequence(s) x {slot_len} positions need "
-                     f"~{gb(slots * (slot_len + 1) * per_position + KV_ALLOWANCE_BYTES)}, {gb(free)} available")
+                     f"~{gb(slots * (slot_len + 1) * per_position + allowance)} with a prefill's activations, {gb(free)} available")
         super().__init__(self.hint(f"{{}} sequence(s) of {slot_len} positions", f"{slots} sequence(s) of {{}} positions"))
 
     def hint(self, fewer: str, shorter: str) -> str:
@@ -44,8 +51,9 @@ class SlotCache:
         shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
         per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
         free = available_memory(torch.device(device))
-        if free is not None and slots * (slot_len + 1) * per_position + KV_ALLOWANCE_BYTES > free:
-            raise KVCacheTooLarge(slots, slot_len, per_position, free)
+        allowance = max(KV_ALLOWANCE_BYTES, prefill_bytes(cfg, slot_len, dtype))  # a prefill of one whole slot
+        if free is not None and slots * (slot_len + 1) * per_position + allowance > free:
+            raise KVCacheTooLarge(slots, slot_len, per_position, free, allowance)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots

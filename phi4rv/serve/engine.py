@@ -128,11 +128,18 @@ class Engine:
                 if self.stopped:
                     return
                 self._expire_queued()
-                admitted = []
+                admitted, longest = [], 0
                 while self.queue and len(admitted) < len(self.core.free):
-                    req = self.queue.popleft()
-                    if not req.cancelled:
-                        admitted.append(req)
+                    req = self.queue[0]
+                    if req.cancelled:
+                        self.queue.popleft()
+                        continue
+                    # One right-padded prefill holds (prompts x the longest) positions of activations:
+                    # at most a whole slot's worth, or the first prompt alone.
+                    longest = max(longest, req.request.prompt_len)
+                    if admitted and (len(admitted) + 1) * longest > self.core.slot_len:
+                        break
+                    admitted.append(self.queue.popleft())
             try:
                 if admitted:
                     self._admit(admitted)
