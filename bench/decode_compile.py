@@ -3,9 +3,10 @@
 One random model of a preset's shapes (or a checkpoint folder, `--model`: the 15B fits once, not
 twice), its decode step compiled (`phi4rv.generation.compiled`) and not, in turn, on the same
 weights; text-only prompts of random ids (the vision tower never runs); greedy, exactly
-`--new-tokens` tokens per row (no stop ids), the sides alternating run by run over `--repeats`. Decode tokens/s = batch x (new_tokens - 1) / the decode time `generate`
-reports (prefill, eager on both sides, is excluded). The compile is paid in the warm-up runs,
-reported apart with the number of graphs compiled, not in the timed ones.
+`--new-tokens` tokens per row (no stop ids), the sides alternating run by run over `--repeats`.
+Decode tokens/s = batch x (new_tokens - 1) / the decode time `generate` reports (prefill, eager on
+both sides, is excluded). The compile is paid in the warm-up runs, reported apart with the number
+of graphs compiled, not in the timed ones.
 
     python bench/decode_compile.py --preset tiny
     python bench/decode_compile.py --preset small --quantize none int8 --json out/decode_compile.json
