@@ -242,6 +242,26 @@ def test_one_prefill_holds_at_most_a_slot_of_positions(cm, monkeypatch):
     assert all([e.token_id for e in events] == alone for events in out)
 
 
+def test_a_prefill_in_chunks_gives_the_tokens_of_one_forward(cm, images_dir, monkeypatch):
+    """Prompts of different lengths, one with an image cut across chunks: prefilled 7 positions a
+    row at a time (the cache and the causal mask carry each chunk to the next), they decode as
+    after one forward."""
+    requests = [req(cm, "Hello there"), req(cm, "Describe.", [images_dir / "photo.jpg"]), req(cm, "Short", mode="nothink")]
+    p = params(6)
+    whole = generate(cm.model, cm.tokenizer, requests, p)
+    widths = []
+    forward = cm.model.decoder.forward
+    monkeypatch.setattr(cm.model.decoder, "forward", lambda x, *a, **k: widths.append(x.shape[1]) or forward(x, *a, **k))
+    monkeypatch.setattr("phi4rv.generation.core.PREFILL_TOKENS", 7 * len(requests))
+    chunked = generate(cm.model, cm.tokenizer, requests, p)
+    longest = max(r.prompt_len for r in requests)
+    n = math.ceil(longest / 7)
+    assert n >= 3 and widths[:n] == [7] * (n - 1) + [longest - 7 * (n - 1)]  # the prefill's forwards, then decode
+    for a, b in zip(whole, chunked):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
 def test_a_failing_request_fails_alone(cm, images_dir):
     good = req(cm, "Hello", [images_dir / "photo.jpg"])
     bad = Request(list(good.input_ids), [ImagePatches(torch.zeros(3, 5), (1, 3))])  # patches of the wrong width

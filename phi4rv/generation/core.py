@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from phi4rv.generation.cache import SlotCache
+from phi4rv.generation.cache import PREFILL_TOKENS, SlotCache
 from phi4rv.generation.compiled import compiled_decode
 from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
@@ -456,7 +456,8 @@ class Core:
         return pick(logits, seqs)
 
     def _prefill(self, seqs: list[Sequence], rows: list[tuple[list[int], torch.Tensor | None, int]]) -> torch.Tensor:
-        """One right-padded forward over every prompt's uncached part; [B, V] logits at each last position."""
+        """Right-padded forwards over every prompt's uncached part, `PREFILL_TOKENS` positions at a
+        time in all (so a long prompt's activations stay bounded); [B, V] logits at each last position."""
         model, device = self.model, self.model.device
         lens = [len(full) - start for full, _, start in rows]
         t = max(lens)
@@ -468,27 +469,47 @@ class Core:
             if row_feats is not None:  # the features of the row's image positions from `start` on
                 is_image = torch.tensor(full[start:], device=device) == IMAGE_TOKEN_ID
                 x[i, : lens[i]][is_image] = row_feats.to(x.dtype)
+        slots = [s.slot for s in seqs]
+        if model.cfg.image_bidirectional_attention and any(f is not None for _, f, _ in rows):
+            return self._prefill_bidirectional(seqs, rows, x, lens)
+        chunk = max(1, PREFILL_TOKENS // len(rows))
+        last: list[torch.Tensor | None] = [None] * len(rows)
+        for c0 in range(0, t, chunk):
+            c1 = min(t, c0 + chunk)
+            # A row whose prompt ended in an earlier chunk is written past its end (overwritten by
+            # its first decoded token before anything reads there), as right-padding is.
+            self.cache.bind(slots, new=[min(max(n - c0, 0), c1 - c0) for n in lens])
+            positions = self.cache.starts[:, None] + torch.arange(c1 - c0, device=device)
+            mask = None  # causal
+            if bool((self.cache.starts > 0).any()):  # after a stored prefix or an earlier chunk
+                k_pos = torch.arange(int(self.cache.starts.max()) + c1 - c0, device=device)
+                mask = (k_pos[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, S] causal from each row's start
+            h = model.decoder(x[:, c0:c1], positions, mask, self.cache)
+            for i, n in enumerate(lens):
+                if c0 < n <= c1:
+                    last[i] = h[i, n - 1 - c0]
+        return model.decoder.lm_head(torch.stack(last))
+
+    def _prefill_bidirectional(self, seqs: list[Sequence], rows: list[tuple[list[int], torch.Tensor | None, int]],
+                               x: torch.Tensor, lens: list[int]) -> torch.Tensor:
+        """One forward (an image's positions see each other, so a chunk may not cut one)."""
+        device = x.device
         starts = torch.tensor([start for _, _, start in rows], device=device)
-        positions = starts[:, None] + torch.arange(t, device=device)
-        mask = None
-        bidirectional = model.cfg.image_bidirectional_attention and any(f is not None for _, f, _ in rows)
-        if bidirectional or bool((starts > 0).any()):
-            s_len = int(starts.max()) + t
-            k_pos = torch.arange(s_len, device=device)
-            mask = (k_pos[None, None, :] <= positions[:, :, None])  # [B, T, S] causal from each row's start
-            if bidirectional:
-                image_ids = torch.zeros((len(rows), s_len), dtype=torch.long, device=device)
-                for i, (full, f, start) in enumerate(rows):
-                    if f is not None:
-                        row = torch.tensor(full, device=device)[None]
-                        grids = [im.grid for im in seqs[i].request.images]
-                        image_ids[i, : len(full)] = image_segment_ids(row, [h * w for h, w in grids])[0]
-                q_img = image_ids.gather(1, positions.clamp(max=s_len - 1))
-                mask |= (q_img[:, :, None] == image_ids[:, None, :]) & (q_img[:, :, None] > 0)
-            mask = mask[:, None]
+        positions = starts[:, None] + torch.arange(x.shape[1], device=device)
+        s_len = int(starts.max()) + x.shape[1]
+        k_pos = torch.arange(s_len, device=device)
+        mask = (k_pos[None, None, :] <= positions[:, :, None])  # [B, T, S] causal from each row's start
+        image_ids = torch.zeros((len(rows), s_len), dtype=torch.long, device=device)
+        for i, (full, f, start) in enumerate(rows):
+            if f is not None:
+                row = torch.tensor(full, device=device)[None]
+                grids = [im.grid for im in seqs[i].request.images]
+                image_ids[i, : len(full)] = image_segment_ids(row, [h * w for h, w in grids])[0]
+        q_img = image_ids.gather(1, positions.clamp(max=s_len - 1))
+        mask |= (q_img[:, :, None] == image_ids[:, None, :]) & (q_img[:, :, None] > 0)
         self.cache.bind([s.slot for s in seqs], new=lens)
-        h = model.decoder(x, positions, mask, self.cache)
-        return model.decoder.lm_head(h[torch.arange(len(rows), device=device), torch.tensor(lens, device=device) - 1])
+        h = self.model.decoder(x, positions, mask[:, None], self.cache)
+        return self.model.decoder.lm_head(h[torch.arange(len(rows), device=device), torch.tensor(lens, device=device) - 1])
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[TokenEvent]:
