@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from phi4rv.cli import main
+from phi4rv.generation.cache import PREFILL_BYTES
 
 
 def run(*args, stdin=None):
@@ -96,7 +97,7 @@ def test_a_kv_cache_that_cannot_fit_is_refused_with_what_would(tiny_ckpt, monkey
     --max-context that fits (checked: that one then starts)."""
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
-    budget = 512 * 2**20 + 3 * 4097 * per_position + 100  # fp32: room for 3 slots of the tiny model's 4096 positions
+    budget = PREFILL_BYTES + 3 * 4097 * per_position + 100  # fp32: room for 3 slots of the tiny model's 4096 positions
     monkeypatch.setattr("phi4rv.generation.cache.available_memory", lambda device: budget)
     ran = []
     monkeypatch.setattr("phi4rv.serve.app.run", lambda app, host, port, level: ran.append(

@@ -252,7 +252,7 @@ def test_a_prefill_in_chunks_gives_the_tokens_of_one_forward(cm, images_dir, mon
     widths = []
     forward = cm.model.decoder.forward
     monkeypatch.setattr(cm.model.decoder, "forward", lambda x, *a, **k: widths.append(x.shape[1]) or forward(x, *a, **k))
-    monkeypatch.setattr("phi4rv.generation.core.PREFILL_TOKENS", 7 * len(requests))
+    monkeypatch.setattr("phi4rv.generation.core.prefill_tokens", lambda cfg: 7 * len(requests))
     chunked = generate(cm.model, cm.tokenizer, requests, p)
     longest = max(r.prompt_len for r in requests)
     n = math.ceil(longest / 7)

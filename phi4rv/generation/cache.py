@@ -13,8 +13,7 @@ import torch
 from phi4rv.config import DecoderConfig
 from phi4rv.memory import available_memory
 
-PREFILL_TOKENS = 1024  # positions one prefill forward holds, all prompts together (`Core` chunks longer ones)
-KV_ALLOWANCE_BYTES = 512 * 2**20  # left free beside a new KV cache, at the least: a prefill's activations and logits
+PREFILL_BYTES = 768 * 2**20  # activations one prefill forward may hold (`Core` chunks longer prompts); left free beside a new KV cache
 
 
 def prefill_bytes(cfg: DecoderConfig, tokens: int) -> int:
@@ -27,16 +26,21 @@ def prefill_bytes(cfg: DecoderConfig, tokens: int) -> int:
     return tokens * (2 * cfg.hidden_size + 3 * cfg.intermediate_size) * 12
 
 
+def prefill_tokens(cfg: DecoderConfig) -> int:
+    """Positions one prefill forward takes, all rows together: 1048 on the 15B."""
+    return max(1, PREFILL_BYTES // prefill_bytes(cfg, 1))
+
+
 class KVCacheTooLarge(ValueError):
     """The KV cache asked for does not fit in the memory available; says what would."""
 
-    def __init__(self, slots: int, slot_len: int, per_position: int, free: int, allowance: int):
-        room = max(free - allowance, 0)
+    def __init__(self, slots: int, slot_len: int, per_position: int, free: int):
+        room = max(free - PREFILL_BYTES, 0)
         self.fit_slots = room // (per_position * (slot_len + 1))  # sequences of this length
         self.fit_len = max(room // (per_position * slots) - 1, 0)  # positions for this many sequences
         gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
         self.head = (f"not enough memory for the KV cache: {slots} sequence(s) x {slot_len} positions need "
-                     f"~{gb(slots * (slot_len + 1) * per_position + allowance)} with a prefill's activations, {gb(free)} available")
+                     f"~{gb(slots * (slot_len + 1) * per_position + PREFILL_BYTES)} with a prefill's activations, {gb(free)} available")
         super().__init__(self.hint(f"{{}} sequence(s) of {slot_len} positions", f"{slots} sequence(s) of {{}} positions"))
 
     def hint(self, fewer: str, shorter: str) -> str:
@@ -55,9 +59,8 @@ class SlotCache:
         shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
         per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
         free = available_memory(torch.device(device))
-        allowance = max(KV_ALLOWANCE_BYTES, prefill_bytes(cfg, min(PREFILL_TOKENS, slots * slot_len)))
-        if free is not None and slots * (slot_len + 1) * per_position + allowance > free:
-            raise KVCacheTooLarge(slots, slot_len, per_position, free, allowance)
+        if free is not None and slots * (slot_len + 1) * per_position + PREFILL_BYTES > free:
+            raise KVCacheTooLarge(slots, slot_len, per_position, free)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from phi4rv.generation.cache import PREFILL_TOKENS, SlotCache
+from phi4rv.generation.cache import SlotCache, prefill_tokens
 from phi4rv.generation.compiled import compiled_decode
 from phi4rv.generation.grammar import Constraint, Grammar
 from phi4rv.generation.sampling import SamplingParams, sample, token_logprobs
@@ -456,7 +456,7 @@ class Core:
         return pick(logits, seqs)
 
     def _prefill(self, seqs: list[Sequence], rows: list[tuple[list[int], torch.Tensor | None, int]]) -> torch.Tensor:
-        """Right-padded forwards over every prompt's uncached part, `PREFILL_TOKENS` positions at a
+        """Right-padded forwards over every prompt's uncached part, `prefill_tokens` positions at a
         time in all (so a long prompt's activations stay bounded); [B, V] logits at each last position."""
         model, device = self.model, self.model.device
         lens = [len(full) - start for full, _, start in rows]
@@ -472,7 +472,7 @@ class Core:
         slots = [s.slot for s in seqs]
         if model.cfg.image_bidirectional_attention and any(f is not None for _, f, _ in rows):
             return self._prefill_bidirectional(seqs, rows, x, lens)
-        chunk = max(1, PREFILL_TOKENS // len(rows))
+        chunk = max(1, prefill_tokens(model.cfg.decoder) // len(rows))
         last: list[torch.Tensor | None] = [None] * len(rows)
         for c0 in range(0, t, chunk):
             c1 = min(t, c0 + chunk)
