@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from phi4rv.checkpoint import load_model
+from phi4rv.config import Phi4RVConfig
 from phi4rv.generation.compiled import compile_decode
 from phi4rv.generation.generate import GenerationParams, Request, TokenEvent, generate, generate_stream
 from phi4rv.generation.grammar import Grammar
@@ -76,14 +77,16 @@ class ChatModel:
         max_num_patches: int | None = None,
         quantize: str | None = None,
         compile: str | bool | None = None,
+        before_read: Callable[[Phi4RVConfig, torch.dtype, int | None], None] | None = None,
     ) -> ChatModel:
         """`max_num_patches`: the default patch budget per image (default: the checkpoint's maximum).
         `quantize`: None, "int8", "int4" or "w8a8" (at load time; see `phi4rv.model.quant`).
         `compile`: True or a `torch.compile` mode ("default", "reduce-overhead", ...) compiles the
-        decode step (`phi4rv.generation.compiled`); the first tokens pay the compile."""
+        decode step (`phi4rv.generation.compiled`); the first tokens pay the compile.
+        `before_read`: see `load_model`."""
         path = Path(path)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(path, dtype=dtype, device=device, quantize=quantize)
+        model = load_model(path, dtype=dtype, device=device, quantize=quantize, before_read=before_read)
         compile_decode(model, compile)
         tokenizer = Tokenizer.from_dir(path)
         pre = path / "preprocessor_config.json"

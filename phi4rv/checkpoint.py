@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +276,7 @@ def load_model(
     quantize_vision: bool = False,
     check_memory: bool = True,
     quantize_lm_head: bool = True,
+    before_read: Callable[[Phi4RVConfig, torch.dtype, int | None], None] | None = None,
 ) -> Phi4RV:
     """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype.
 
@@ -287,6 +288,8 @@ def load_model(
     matrix, never exists. Peak memory: the loaded weights + LOAD_ALLOWANCE_BYTES, plus the largest
     stored tensor when a dtype conversion is asked for. The need is estimated before anything is read
     and refused with a one-line error when the device has less free memory.
+    `before_read(cfg, compute dtype, bytes free once loaded or None)` runs then too, before anything
+    is read, so that what the caller allocates next (the server's KV cache) can be refused at once.
     """
     path = Path(path)
     if not path.is_dir():
@@ -314,9 +317,13 @@ def load_model(
             raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
         dtype = compute
         quantize_modules(model, quantize, compute, vision=quantize_vision, lm_head=quantize_lm_head)
+    need = model_bytes(model, dtype, {n: st.dtype for n, st in stored.items()})
+    compute = dtype or stored["decoder.embed_tokens.weight"].dtype
     if check_memory:
-        need = model_bytes(model, dtype, {n: st.dtype for n, st in stored.items()})
-        _check_memory(cfg, dtype or stored["decoder.embed_tokens.weight"].dtype, quantize, device, need)
+        _check_memory(cfg, compute, quantize, device, need)
+    if before_read is not None:
+        free = available_memory(device)
+        before_read(cfg, compute, None if free is None else free - need)
     by_file: dict[Path, list[str]] = {}
     for name, st in stored.items():
         by_file.setdefault(st.file, []).append(name)

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from phi4rv.cli import main
 from phi4rv.generation.cache import PREFILL_BYTES
 
@@ -111,3 +113,24 @@ def test_a_kv_cache_that_cannot_fit_is_refused_with_what_would(tiny_ckpt, monkey
     assert ran == [(3, 4096), (8, 1535), (3, 4096)]
     assert "serving 3 at once" in capsys.readouterr().err
     assert "context of 5000 positions" in error_of(["serve", "--model", tiny_ckpt, "--max-context", "5000"], capsys)
+
+
+def test_serve_refuses_a_kv_cache_before_reading_the_weights(tiny_ckpt, monkeypatch, capsys):
+    """On the 15B the load takes minutes: a --max-batch or --max-context that cannot fit beside the
+    weights is refused from the estimate, before any tensor is read."""
+    cfg = json.loads((tiny_ckpt / "config.json").read_text())
+    per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
+    weights = 10**9  # what the load is said to take
+    monkeypatch.setattr("phi4rv.checkpoint.model_bytes", lambda *a: weights)
+    monkeypatch.setattr("phi4rv.checkpoint.available_memory", lambda device: weights + PREFILL_BYTES + 3 * 4097 * per_position + 100)
+
+    def read(*a, **k):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr("phi4rv.checkpoint.read_tensor", read)
+    monkeypatch.setattr("phi4rv.checkpoint.StoredRows", read)
+    err = error_of(["serve", "--model", tiny_ckpt, "--max-batch", "8", "--dtype", "float32"], capsys)
+    assert "KV cache" in err and "--max-batch 3 or --max-context 1535 would fit" in err, err
+    assert "context of 5000 positions" in error_of(["serve", "--model", tiny_ckpt, "--max-context", "5000"], capsys)
+    with pytest.raises(AssertionError, match="a weight was read"):  # 3 fit: the load goes on
+        main(["serve", "--model", str(tiny_ckpt), "--max-batch", "3", "--dtype", "float32"])

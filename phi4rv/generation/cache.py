@@ -49,6 +49,14 @@ class KVCacheTooLarge(ValueError):
         return f"{self.head}; " + (" or ".join(options) + " would fit" if options else "nothing fits: free memory")
 
 
+def check_fits(cfg: DecoderConfig, slots: int, slot_len: int, dtype: torch.dtype, free: int | None) -> None:
+    """Raises KVCacheTooLarge unless `slots` x `slot_len` positions (and a prefill) fit in `free` bytes
+    (None: unknown, not checked)."""
+    per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+    if free is not None and slots * (slot_len + 1) * per_position + PREFILL_BYTES > free:
+        raise KVCacheTooLarge(slots, slot_len, per_position, free)
+
+
 class SlotCache:
     """Keys/values for `slots` sequences: [slots, kv_heads, slot_len, head_dim] per layer."""
 
@@ -57,10 +65,7 @@ class SlotCache:
         # whole slot, so the compiled step sees one memory layout (a contiguous view would compile
         # a graph of its own, mid-generation).
         shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
-        per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-        free = available_memory(torch.device(device))
-        if free is not None and slots * (slot_len + 1) * per_position + PREFILL_BYTES > free:
-            raise KVCacheTooLarge(slots, slot_len, per_position, free)
+        check_fits(cfg, slots, slot_len, dtype, available_memory(torch.device(device)))
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots

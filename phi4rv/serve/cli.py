@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from phi4rv.checkpoint import DTYPES
-from phi4rv.generation.cache import KVCacheTooLarge
+from phi4rv.generation.cache import KVCacheTooLarge, check_fits
 from phi4rv.generation.compiled import COMPILE_MODES
+from phi4rv.serve.engine import context_length
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -17,8 +18,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
+
+    def refuse(e: KVCacheTooLarge) -> None:
+        """The default batch is "8, or as many as fit"; a batch the user asked for is never shrunk."""
+        if args.max_batch is not None or e.fit_slots == 0:
+            raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
+
+    def check_kv_cache(cfg, dtype, free) -> None:  # before the weights are read: an estimate
+        try:
+            check_fits(cfg.decoder, args.max_batch or ServeSettings.max_batch, context_length(cfg, args.max_context), dtype, free)
+        except KVCacheTooLarge as e:
+            refuse(e)
+
     cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
-                        quantize=args.quantize, compile=args.compile_mode or args.compile)
+                        quantize=args.quantize, compile=args.compile_mode or args.compile, before_read=check_kv_cache)
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
@@ -40,10 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     try:
         app = create_app(cm, settings)
-    except KVCacheTooLarge as e:
-        if args.max_batch is not None or e.fit_slots == 0:
-            raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
-        # The default batch is "8, or as many as fit"; a batch the user asked for is never shrunk.
+    except KVCacheTooLarge as e:  # measured once loaded
+        refuse(e)
         settings.max_batch = e.fit_slots
         app = create_app(cm, settings)
         print(f"{e.head}: serving {e.fit_slots} at once (--max-batch, --max-context to choose)", file=sys.stderr)

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from phi4rv.config import Phi4RVConfig
 from phi4rv.generation.core import Core, GenerationParams, Request, Sequence, TokenEvent
 from phi4rv.model.vlm import Phi4RV
 from phi4rv.processing.tokenizer import Tokenizer
@@ -52,6 +53,14 @@ class EngineRequest:
         return self.timeout is not None and now - self.submitted > self.timeout
 
 
+def context_length(cfg: Phi4RVConfig, asked: int | None) -> int:
+    """Positions per sequence (a KV cache slot): `asked`, checked, or the model's max_length."""
+    positions = cfg.decoder.max_position_embeddings
+    if asked is not None and not 1 <= asked <= positions:
+        raise ValueError(f"context of {asked} positions: the model has 1 to {positions}")
+    return asked or min(cfg.max_length, positions)
+
+
 class Engine:
     def __init__(
         self,
@@ -64,11 +73,7 @@ class Engine:
         prefix_cache_bytes: int = 0,
     ):
         self.max_queue = max_queue
-        positions = model.cfg.decoder.max_position_embeddings
-        if slot_len is not None and not 1 <= slot_len <= positions:
-            raise ValueError(f"context of {slot_len} positions: the model has 1 to {positions}")
-        slot_len = slot_len or min(model.cfg.max_length, positions)
-        self.core = Core(model, tokenizer, max_batch, slot_len, prefix_cache_bytes)
+        self.core = Core(model, tokenizer, max_batch, context_length(model.cfg, slot_len), prefix_cache_bytes)
         self.queue: deque[EngineRequest] = deque()
         self.active: list[EngineRequest] = []
         self.cond = threading.Condition()
