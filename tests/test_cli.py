@@ -99,7 +99,8 @@ def test_a_kv_cache_that_cannot_fit_is_refused_with_what_would(tiny_ckpt, monkey
     --max-context that fits (checked: that one then starts)."""
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
-    budget = PREFILL_BYTES + 3 * 4097 * per_position + 100  # fp32: room for 3 slots of the tiny model's 4096 positions
+    caches = 2 * 256 * 2**20  # the prefix and image caches may grow to their defaults, 256 MiB each
+    budget = PREFILL_BYTES + caches + 3 * 4097 * per_position + 100  # fp32: room for 3 slots of the tiny model's 4096 positions
     monkeypatch.setattr("phi4rv.generation.cache.available_memory", lambda device: budget)
     ran = []
     monkeypatch.setattr("phi4rv.serve.app.run", lambda app, host, port, level: ran.append(
@@ -110,7 +111,8 @@ def test_a_kv_cache_that_cannot_fit_is_refused_with_what_would(tiny_ckpt, monkey
     assert main([*serve, "--max-batch", "3"]) == 0
     assert main([*serve, "--max-batch", "8", "--max-context", "1535"]) == 0
     assert main(serve) == 0
-    assert ran == [(3, 4096), (8, 1535), (3, 4096)]
+    assert main([*serve, "--max-batch", "8", "--prefix-cache-mb", "0", "--image-cache-mb", "0"]) == 0  # their room is free
+    assert ran == [(3, 4096), (8, 1535), (3, 4096), (8, 4096)]
     assert "serving 3 at once" in capsys.readouterr().err
     assert "context of 5000 positions" in error_of(["serve", "--model", tiny_ckpt, "--max-context", "5000"], capsys)
 
@@ -122,7 +124,8 @@ def test_serve_refuses_a_kv_cache_before_reading_the_weights(tiny_ckpt, monkeypa
     per_position = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 4
     weights = 10**9  # what the load is said to take
     monkeypatch.setattr("phi4rv.checkpoint.model_bytes", lambda *a: weights)
-    monkeypatch.setattr("phi4rv.checkpoint.available_memory", lambda device: weights + PREFILL_BYTES + 3 * 4097 * per_position + 100)
+    caches = 2 * 256 * 2**20  # the prefix and image caches' defaults
+    monkeypatch.setattr("phi4rv.checkpoint.available_memory", lambda device: weights + PREFILL_BYTES + caches + 3 * 4097 * per_position + 100)
 
     def read(*a, **k):
         raise AssertionError("a weight was read")

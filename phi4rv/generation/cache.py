@@ -34,13 +34,15 @@ def prefill_tokens(cfg: DecoderConfig) -> int:
 class KVCacheTooLarge(ValueError):
     """The KV cache asked for does not fit in the memory available; says what would."""
 
-    def __init__(self, slots: int, slot_len: int, per_position: int, free: int):
-        room = max(free - PREFILL_BYTES, 0)
+    def __init__(self, slots: int, slot_len: int, per_position: int, free: int, reserve: int = 0):
+        room = max(free - PREFILL_BYTES - reserve, 0)
         self.fit_slots = room // (per_position * (slot_len + 1))  # sequences of this length
         self.fit_len = max(room // (per_position * slots) - 1, 0)  # positions for this many sequences
         gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+        caches = f" and {gb(reserve)} of caches" if reserve else ""
         self.head = (f"not enough memory for the KV cache: {slots} sequence(s) x {slot_len} positions need "
-                     f"~{gb(slots * (slot_len + 1) * per_position + PREFILL_BYTES)} with a prefill's activations, {gb(free)} available")
+                     f"~{gb(slots * (slot_len + 1) * per_position + PREFILL_BYTES + reserve)} with a prefill's activations"
+                     f"{caches}, {gb(free)} available")
         super().__init__(self.hint(f"{{}} sequence(s) of {slot_len} positions", f"{slots} sequence(s) of {{}} positions"))
 
     def hint(self, fewer: str, shorter: str) -> str:
@@ -49,23 +51,23 @@ class KVCacheTooLarge(ValueError):
         return f"{self.head}; " + (" or ".join(options) + " would fit" if options else "nothing fits: free memory")
 
 
-def check_fits(cfg: DecoderConfig, slots: int, slot_len: int, dtype: torch.dtype, free: int | None) -> None:
-    """Raises KVCacheTooLarge unless `slots` x `slot_len` positions (and a prefill) fit in `free` bytes
-    (None: unknown, not checked)."""
+def check_fits(cfg: DecoderConfig, slots: int, slot_len: int, dtype: torch.dtype, free: int | None, reserve: int = 0) -> None:
+    """Raises KVCacheTooLarge unless `slots` x `slot_len` positions, a prefill's activations and
+    `reserve` bytes (caches that grow beside it) fit in `free` bytes (None: unknown, not checked)."""
     per_position = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
-    if free is not None and slots * (slot_len + 1) * per_position + PREFILL_BYTES > free:
-        raise KVCacheTooLarge(slots, slot_len, per_position, free)
+    if free is not None and slots * (slot_len + 1) * per_position + PREFILL_BYTES + reserve > free:
+        raise KVCacheTooLarge(slots, slot_len, per_position, free, reserve)
 
 
 class SlotCache:
     """Keys/values for `slots` sequences: [slots, kv_heads, slot_len, head_dim] per layer."""
 
-    def __init__(self, cfg: DecoderConfig, slots: int, slot_len: int, device, dtype):
+    def __init__(self, cfg: DecoderConfig, slots: int, slot_len: int, device, dtype, reserve: int = 0):
         # One spare position, never written: a view of a slot's first positions is then never the
         # whole slot, so the compiled step sees one memory layout (a contiguous view would compile
         # a graph of its own, mid-generation).
         shape = (slots, cfg.num_key_value_heads, slot_len + 1, cfg.head_dim)
-        check_fits(cfg, slots, slot_len, dtype, available_memory(torch.device(device)))
+        check_fits(cfg, slots, slot_len, dtype, available_memory(torch.device(device)), reserve)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.lengths = [0] * slots

@@ -358,9 +358,12 @@ class PrefixStore:
 
 
 class Core:
-    def __init__(self, model: Phi4RV, tokenizer: Tokenizer, slots: int, slot_len: int, prefix_bytes: int = 0):
+    def __init__(self, model: Phi4RV, tokenizer: Tokenizer, slots: int, slot_len: int, prefix_bytes: int = 0,
+                 reserve_bytes: int = 0):
+        """`reserve_bytes`: memory the caller's own caches may grow to, kept free beside the KV cache
+        with the prefix store's `prefix_bytes` (the server's image cache)."""
         self.model, self.tokenizer = model, tokenizer
-        self.cache = SlotCache(model.cfg.decoder, slots, slot_len, model.device, model.dtype)
+        self.cache = SlotCache(model.cfg.decoder, slots, slot_len, model.device, model.dtype, prefix_bytes + reserve_bytes)
         self.free = list(range(slots))[::-1]
         self.markers = Markers(tokenizer)
         self.slack = len(self.markers.forced_close)  # room for a forced </think>

@@ -244,7 +244,7 @@ async def _answer(send, status: int, obj: dict) -> None:
 
 def create_app(cm: ChatModel, settings: ServeSettings) -> FastAPI:
     engine = Engine(cm.model, cm.tokenizer, settings.max_batch, settings.max_queue, settings.max_context,
-                    prefix_cache_bytes=settings.prefix_cache_bytes)
+                    prefix_cache_bytes=settings.prefix_cache_bytes, reserve_bytes=settings.image_cache_bytes)
     image_cache = PatchCache(settings.image_cache_bytes) if settings.image_cache_bytes > 0 else None
     metrics = Metrics(engine, image_cache)
     engine.on_step = metrics.batch.observe

@@ -25,8 +25,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
 
     def check_kv_cache(cfg, dtype, free) -> None:  # before the weights are read: an estimate
+        caches = int(args.prefix_cache_mb * 2**20) + int(args.image_cache_mb * 2**20)
         try:
-            check_fits(cfg.decoder, args.max_batch or ServeSettings.max_batch, context_length(cfg, args.max_context), dtype, free)
+            check_fits(cfg.decoder, args.max_batch or ServeSettings.max_batch, context_length(cfg, args.max_context),
+                       dtype, free, caches)
         except KVCacheTooLarge as e:
             refuse(e)
 

@@ -71,9 +71,10 @@ class Engine:
         slot_len: int | None = None,
         on_step: Callable[[int], None] | None = None,
         prefix_cache_bytes: int = 0,
+        reserve_bytes: int = 0,
     ):
         self.max_queue = max_queue
-        self.core = Core(model, tokenizer, max_batch, context_length(model.cfg, slot_len), prefix_cache_bytes)
+        self.core = Core(model, tokenizer, max_batch, context_length(model.cfg, slot_len), prefix_cache_bytes, reserve_bytes)
         self.queue: deque[EngineRequest] = deque()
         self.active: list[EngineRequest] = []
         self.cond = threading.Condition()
