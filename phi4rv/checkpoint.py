@@ -277,7 +277,6 @@ def load_model(
     check_memory: bool = True,
     quantize_lm_head: bool = True,
     before_read: Callable[[Phi4RVConfig, torch.dtype, int | None], None] | None = None,
-    int4_kernel: str = "auto",
 ) -> Phi4RV:
     """Load a checkpoint folder. `dtype=None` keeps each tensor's stored dtype.
 
@@ -289,7 +288,6 @@ def load_model(
     matrix, never exists. Peak memory: the loaded weights + LOAD_ALLOWANCE_BYTES, plus the largest
     stored tensor when a dtype conversion is asked for. The need is estimated before anything is read
     and refused with a one-line error when the device has less free memory.
-    `int4_kernel`: see `phi4rv.model.quant.Int4Linear`.
     `before_read(cfg, compute dtype, bytes free once loaded or None)` runs then too, before anything
     is read, so that what the caller allocates next (the server's KV cache) can be refused at once.
     """
@@ -311,15 +309,14 @@ def load_model(
             raise CheckpointError(f"{path} is quantized to {saved['mode']}; it cannot be loaded with --quantize {quantize}")
         quantize, quantize_vision = quantize or saved["mode"], saved["vision"]
         dtype = dtype or DTYPES[saved["dtype"]]
-        quantize_modules(model, quantize, dtype, vision=quantize_vision, int4_kernel=int4_kernel)
+        quantize_modules(model, quantize, dtype, vision=quantize_vision)
     stored = stored_parameters(path, model)
     if quantize and saved is None:
         compute = dtype or stored["decoder.embed_tokens.weight"].dtype
         if not compute.is_floating_point:
             raise CheckpointError(f"{path}: cannot quantize a model stored as {compute}")
         dtype = compute
-        quantize_modules(model, quantize, compute, vision=quantize_vision, lm_head=quantize_lm_head,
-                         int4_kernel=int4_kernel)
+        quantize_modules(model, quantize, compute, vision=quantize_vision, lm_head=quantize_lm_head)
     need = model_bytes(model, dtype, {n: st.dtype for n, st in stored.items()})
     compute = dtype or stored["decoder.embed_tokens.weight"].dtype
     if check_memory:

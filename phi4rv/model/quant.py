@@ -1,13 +1,9 @@
 """Quantized linear layers: int8 per output channel, int4 in groups along the input.
 
 Three modes (`--quantize`):
-- `int8`: weight-only, PyTorch's `aten._weight_int8pack_mm`; activations stay in the compute dtype.
-- `int4`: 4-bit codes in groups of 128 inputs (64 or 32 where the width needs it) with a scale
-  and an integer zero point each. On CPU, ONNX Runtime's `MatMulNBits` (`int4_ort`) multiplies
-  them by each token's activations quantized to int8 in blocks, as llama.cpp's Q4_0 does: 1.3-1.6x
-  PyTorch's int4 kernel at one row here. Without onnxruntime, with `int4_kernel="aten"` (QLoRA
-  training) and on CUDA: PyTorch's weight-only `aten._weight_int4pack_mm_for_cpu` /
-  `aten._weight_int4pack_mm`, activations in the compute dtype.
+- `int8`, `int4`: weight-only. The matmuls are PyTorch's own weight-only kernels
+  (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int4pack_mm` on
+  CUDA); activations stay in the compute dtype.
 - `w8a8`: int8 weights as `int8`, and each token's activations quantized to int8 on the fly (one
   absmax scale per row) so the product is an integer matmul, as llama.cpp's Q8_0 does with its
   blocks of 32. At the 15B's size on this CPU it decodes 1.6-2.4x faster than `int8` and reaches
@@ -52,11 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi4rv.model import int4_ort
-from phi4rv.model.int4_ort import NBitsMatmul, nbits_matmul
-
 QUANTIZE_MODES = ("int8", "int4", "w8a8")
-INT4_KERNELS = ("auto", "onnxruntime", "aten")  # auto: ONNX Runtime's on CPU when installed
 INT4_GROUP = 128
 _ROWS_PER_CHUNK = 1024  # quantize this many output rows at a time: bounded fp32 temporaries
 _CPU_INT4_TILE = 64  # rows per tile of the CPU int4 layout (when the output width is a multiple of it)
@@ -241,37 +233,29 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """int4 in groups of `group` inputs with an integer zero point: w = (q - z) * scale, q and z in 0..15.
+    """Asymmetric int4 in groups of `group` inputs: w = q * scale + min, q in 0..15.
 
-    `scales_and_zeros` is [in/group, out, 2] (scale, (8 - z) * scale), as PyTorch's int4 kernels
-    take it. On CPU the product runs on ONNX Runtime's kernel when it is installed (`int4_ort`;
-    `kernel="aten"` keeps PyTorch's): its session then holds the weights and `packed` is empty.
-    Otherwise `packed` is in PyTorch's kernel layout for the device (CPU and CUDA layouts differ).
+    `packed` is in the kernel's own layout for the device the model runs on (CPU and CUDA
+    layouts differ); `scales_and_zeros` is [in/group, out, 2] (scale, min + 8*scale) as the
+    kernels take it.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int,
-                 kernel: str = "auto"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group: int):
         super().__init__()
-        if kernel not in INT4_KERNELS:
-            raise ValueError(f"unknown int4 kernel {kernel!r}; choose one of {', '.join(INT4_KERNELS)}")
         self.in_features, self.out_features, self.compute_dtype, self.group = in_features, out_features, dtype, group
-        self.kernel = kernel
-        self.nbits: NBitsMatmul | None = None  # ONNX Runtime's product, when it runs this layer
         self.register_buffer("packed", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group, out_features, 2, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @staticmethod
     def quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """fp32 rows [n, in] -> (q int32 [n, in] in 0..15, scale [n, in/group], zero point [n, in/group]
-        in 0..15). Each group's range is widened to hold 0, which is then a code: the zero point."""
+        """fp32 rows [n, in] -> (q int32 [n, in] in 0..15, scale [n, in/group], min [n, in/group])."""
         n, k = w.shape
         g = w.view(n, k // group, group)
-        lo, hi = g.amin(dim=-1).clamp(max=0), g.amax(dim=-1).clamp(min=0)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
         scale = (hi - lo).clamp(min=1e-8) / 15.0
-        zero = torch.round(-lo / scale).clamp(0, 15)
-        q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.int32)
-        return q.view(n, k), scale, zero
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        return q.view(n, k), scale, lo
 
     @classmethod
     @torch.no_grad()
@@ -283,8 +267,8 @@ class Int4Linear(nn.Module):
         sz = torch.empty(k // group, n, 2, dtype=torch.float32)
         for r in range(0, n, _ROWS_PER_CHUNK):
             rows = slice(r, min(r + _ROWS_PER_CHUNK, n))
-            q, scale, zero = cls.quantize_rows(w[rows].to(device="cpu", dtype=torch.float32), group)
-            sz[:, rows, 0], sz[:, rows, 1] = scale.T, ((8 - zero) * scale).T
+            q, scale, lo = cls.quantize_rows(w[rows].to(device="cpu", dtype=torch.float32), group)
+            sz[:, rows, 0], sz[:, rows, 1] = scale.T, (lo + 8 * scale).T
             nibbles[rows] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
         return nibbles, sz
 
@@ -296,15 +280,7 @@ class Int4Linear(nn.Module):
         """From `quantize`'s layout to the kernel's own for `device` (CPU: a block of rows at a time;
         `nibbles` may be anything sliceable by rows, such as `StoredRows`)."""
         device = torch.device(device)
-        scales_and_zeros = scales_and_zeros.to(dtype=self.compute_dtype)
-        self.nbits = None
-        if device.type == "cpu" and self.kernel != "aten" and int4_ort.available():
-            self.nbits = self._nbits(nibbles, scales_and_zeros)
-        if self.kernel == "onnxruntime" and self.nbits is None:
-            raise ValueError("int4 kernel 'onnxruntime': needs the onnxruntime package, the CPU and integer zero points")
-        if self.nbits is not None:
-            packed = torch.empty(0, dtype=torch.uint8)
-        elif device.type == "cpu":
+        if device.type == "cpu":
             packed = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
             for r in range(0, self.out_features, _ROWS_PER_CHUNK):
                 b = nibbles[r : r + _ROWS_PER_CHUNK]
@@ -313,40 +289,10 @@ class Int4Linear(nn.Module):
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack(nibbles[:].to(device), 8)
         self.packed = packed
-        self.scales_and_zeros = scales_and_zeros.to(device=device)
-
-    def _nbits(self, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor) -> NBitsMatmul | None:
-        """ONNX Runtime's product of these weights; None when the zero points are not integers (a folder
-        saved by an earlier phi4rv, whose int4 kept a float minimum: PyTorch's kernel runs it)."""
-        scale = scales_and_zeros[..., 0].float().T.contiguous()  # [out, in/group]
-        zero = 8 - scales_and_zeros[..., 1].float().T / scale
-        rounded = zero.round()
-        if not ((zero - rounded).abs().max() < 0.1 and rounded.min() >= 0 and rounded.max() <= 15):
-            return None
-        codes = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8)
-        for r in range(0, self.out_features, _ROWS_PER_CHUNK):
-            b = nibbles[r : r + _ROWS_PER_CHUNK]
-            codes[r : r + _ROWS_PER_CHUNK] = b << 4 | b >> 4  # ours: element 2j in the high nibble; theirs: the low
-        return NBitsMatmul(codes.numpy(), scale.numpy(), rounded.to(torch.uint8).numpy(), self.group)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.nbits is not None and (self.packed.device.type != "cpu" or self.scales_and_zeros.dtype != self.compute_dtype):
-            raise RuntimeError("an int4 layer on ONNX Runtime's kernel stays on the CPU in its dtype: load the model "
-                               "where and as it should run")
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.nbits is not None:
-            raise RuntimeError("an int4 layer on ONNX Runtime's kernel holds its weights in the session: "
-                               "load with int4_kernel='aten' to save it")
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.scales_and_zeros = scales_and_zeros.to(device=device, dtype=self.compute_dtype)
 
     def matmul(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
-        if self.nbits is not None:
-            y = nbits_matmul(x2, id(self.nbits), self.out_features) if torch.compiler.is_compiling() else self.nbits(x2)
-            return y.to(self.compute_dtype)
         if x2.device.type == "cpu":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_and_zeros)
         return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
@@ -362,7 +308,7 @@ class Int4Linear(nn.Module):
 
     def _row_block(self) -> int | None:
         """Rows per block when the packed layout can be read directly (CPU, out a multiple of 64), else None."""
-        if self.nbits is not None or self.packed.device.type != "cpu" or self.out_features % _CPU_INT4_TILE:
+        if self.packed.device.type != "cpu" or self.out_features % _CPU_INT4_TILE:
             return None
         return max(1, DEQUANT_BLOCK_ELEMENTS // self.in_features // _CPU_INT4_TILE) * _CPU_INT4_TILE
 
@@ -428,23 +374,21 @@ def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
-def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype, int4_kernel: str = "auto") -> nn.Module:
+def quantized_linear(linear: nn.Linear, mode: str, dtype: torch.dtype) -> nn.Module:
     """An empty quantized twin of `linear` (filled later by `set_weight`)."""
     n, k = linear.out_features, linear.in_features
     group = int4_group_size(k) if mode == "int4" and n % 16 == 0 else None  # the int4 kernel packs 16 rows together
     if group is None:
         return Int8Linear(k, n, linear.bias is not None, dtype, dynamic_activations=mode == "w8a8")
-    return Int4Linear(k, n, linear.bias is not None, dtype, group, int4_kernel)
+    return Int4Linear(k, n, linear.bias is not None, dtype, group)
 
 
-def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bool = False, lm_head: bool = True,
-                     int4_kernel: str = "auto") -> list[str]:
+def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bool = False, lm_head: bool = True) -> list[str]:
     """Swap the linears named in the module docstring for quantized twins, in place.
 
     Called on a meta-device model before loading (the twins are then filled tensor by tensor)
     or on a loaded model (the twins are filled from the current weights). `lm_head=False` keeps the
-    LM head in `dtype` (QLoRA training: the chunked loss reads its weight). `int4_kernel`: see
-    `Int4Linear`. Returns the swapped names.
+    LM head in `dtype` (QLoRA training: the chunked loss reads its weight). Returns the swapped names.
     """
     targets = [name for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and _wanted(name, vision) and (lm_head or name != "decoder.lm_head")]
@@ -454,7 +398,7 @@ def quantize_modules(model: nn.Module, mode: str, dtype: torch.dtype, vision: bo
         old = getattr(parent, leaf)
         layer_mode = "w8a8" if name == "decoder.lm_head" else mode
         with torch.device("meta") if old.weight.is_meta else torch.device(old.weight.device):
-            new = quantized_linear(old, layer_mode, dtype, int4_kernel)
+            new = quantized_linear(old, layer_mode, dtype)
         if not old.weight.is_meta:
             new.set_weight(old.weight.detach(), old.weight.device)
             if old.bias is not None:

@@ -82,20 +82,19 @@ def build_model(cfg: TrainConfig, stage: StageConfig, mc: Phi4RVConfig, source: 
     """The stage's model as it starts, whole in one process (a resumed stage starts the same way,
     then loads its trained parameters from the checkpoint: train.checkpointing.load_training_checkpoint).
     A quantized base (QLoRA) is quantized on `device`: the int4 kernels' packed layouts differ
-    between CPU and CUDA. Its int4 layers keep PyTorch's weight-only kernel: the backward reads
-    their weights, which ONNX Runtime's sessions do not give back."""
+    between CPU and CUDA."""
     dtype = DTYPES[cfg.model.dtype]
     quantize = cfg.model.quantize  # QLoRA: the decoder's layers frozen in int8/int4, the LM head kept (chunked loss)
     if source is not None or cfg.model.checkpoint:
         model = load_model(source or cfg.model.checkpoint, dtype=dtype, config=mc, quantize=quantize,
-                           quantize_lm_head=False, device=device if quantize else "cpu", int4_kernel="aten")
+                           quantize_lm_head=False, device=device if quantize else "cpu")
     else:
         torch.manual_seed(cfg.seed)
         model = Phi4RV(mc) if dtype == torch.float32 else init_in_dtype(mc, dtype)
         if dtype == torch.float32:
             model.init_weights()
         if quantize:
-            quantize_modules(model.to(device), quantize, dtype, lm_head=False, int4_kernel="aten")
+            quantize_modules(model.to(device), quantize, dtype, lm_head=False)
     prepare_for_stage(cfg, stage, model)
     return model.train()
 
