@@ -19,21 +19,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise FileNotFoundError(f"--allow-local-images: not a folder: {args.allow_local_images}")
 
-    def refuse(e: KVCacheTooLarge) -> None:
-        """The default batch is "8, or as many as fit"; a batch the user asked for is never shrunk."""
-        if args.max_batch is not None or e.fit_slots == 0:
-            raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
-
-    def check_kv_cache(cfg, dtype, free) -> None:  # before the weights are read: an estimate
-        caches = int(args.prefix_cache_mb * 2**20) + int(args.image_cache_mb * 2**20)
-        try:
-            check_fits(cfg.decoder, args.max_batch or ServeSettings.max_batch, context_length(cfg, args.max_context),
-                       dtype, free, caches)
-        except KVCacheTooLarge as e:
-            refuse(e)
-
-    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
-                        quantize=args.quantize, compile=args.compile_mode or args.compile, before_read=check_kv_cache)
     settings = ServeSettings(
         served_model_name=args.served_model_name or args.model.resolve().name,
         api_key=args.api_key,
@@ -53,6 +38,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         image_cache_bytes=int(args.image_cache_mb * 2**20),
     )
+
+    def refuse(e: KVCacheTooLarge) -> None:
+        """The default batch is "8, or as many as fit"; a batch the user asked for is never shrunk."""
+        if args.max_batch is not None or e.fit_slots == 0:
+            raise ValueError(e.hint("--max-batch {}", "--max-context {}")) from None
+
+    def check_kv_cache(cfg, dtype, free) -> None:  # before the weights are read: an estimate
+        try:
+            check_fits(cfg.decoder, settings.max_batch, context_length(cfg, settings.max_context), dtype, free,
+                       settings.prefix_cache_bytes + settings.image_cache_bytes)
+        except KVCacheTooLarge as e:
+            refuse(e)
+
+    cm = ChatModel.load(args.model, dtype=args.dtype, device=args.device, max_num_patches=args.max_num_patches,
+                        quantize=args.quantize, compile=args.compile_mode or args.compile, before_read=check_kv_cache)
     try:
         app = create_app(cm, settings)
     except KVCacheTooLarge as e:  # measured once loaded
